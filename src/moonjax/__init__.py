@@ -1,0 +1,39 @@
+"""moonjax: Moonwalk (inverse-forward differentiation) for JAX.
+
+Exact gradients without storing activations: ``moonwalk_grad`` is used exactly where
+``jax.grad`` would be.
+"""
+
+from moonjax._src.api import (
+    custom_vijp,
+    moonwalk_grad,
+    moonwalk_value_and_grad,
+    vijp,
+)
+from moonjax._src.errors import (
+    ArgumentError,
+    LossShapeError,
+    MoonjaxError,
+    NonFiniteCotangentError,
+    NotSubmersiveError,
+    SpineStructureError,
+    UnsupportedPrimitiveError,
+)
+from moonjax._src.rules import register_vijp
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArgumentError",
+    "LossShapeError",
+    "MoonjaxError",
+    "NonFiniteCotangentError",
+    "NotSubmersiveError",
+    "SpineStructureError",
+    "UnsupportedPrimitiveError",
+    "custom_vijp",
+    "moonwalk_grad",
+    "moonwalk_value_and_grad",
+    "register_vijp",
+    "vijp",
+]

@@ -1,0 +1,327 @@
+"""Public transforms: ``moonwalk_grad``, ``moonwalk_value_and_grad``, ``vijp``, ``custom_vijp``."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from moonjax._src import graph as G
+from moonjax._src.errors import ArgumentError, LossShapeError
+from moonjax._src.rules import VijpRule
+from moonjax._src.sweep import sweep
+
+MODES = ("mixed",)
+
+
+def _normalize_argnums(argnums, nargs: int, name: str) -> tuple[int, ...]:
+    if isinstance(argnums, int):
+        argnums = (argnums,)
+    try:
+        argnums = tuple(int(a) for a in argnums)
+    except TypeError:
+        raise ArgumentError(f"{name} must be an int or a tuple of ints, got {argnums!r}")
+    for a in argnums:
+        if not -nargs <= a < nargs:
+            raise ArgumentError(
+                f"{name}={a} is out of range: the function was called with {nargs} "
+                "positional argument(s)")
+    return tuple(a % nargs for a in argnums)
+
+
+def _check_loss(out, has_aux: bool):
+    if has_aux:
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise LossShapeError(
+                "with has_aux=True the function must return a pair (loss, aux); got "
+                f"{type(out).__name__}")
+        out = out[0]
+    aval = jax.core.get_aval(out) if not hasattr(out, "aval") else out.aval
+    shape = getattr(aval, "shape", None)
+    dtype = getattr(aval, "dtype", None)
+    if shape != () or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise LossShapeError(
+            "moonwalk_grad requires a real scalar (shape ()) float output, like jax.grad; "
+            f"got shape {shape} and dtype {dtype}. Reduce the loss (e.g. jnp.mean) or use "
+            "moonjax.vijp for non-scalar functions.")
+
+
+def moonwalk_value_and_grad(
+    fun: Callable,
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+    *,
+    stream_argnums: int | Sequence[int] | None = None,
+    mode: str = "mixed",
+    debug: bool = False,
+) -> Callable:
+    """Like :func:`jax.value_and_grad`, computed by Moonwalk.
+
+    Phase 1 computes the exact cotangent ``g₀ = ∂ℓ/∂x`` of the network input ``x``
+    (the *stream*: by default every float leaf of the positional arguments not in
+    ``argnums``). Then the inverse-forward sweep walks the network forwards,
+    ``g_i = vijp_i(h_{i-1}, g_{i-1})``, and pulls each ``g_i`` back to the layer's
+    parameters, ``∂ℓ/∂θ_i = g_i ∂f_i/∂θ_i``, without keeping any layer's activations.
+
+    Args:
+      fun: the loss, returning a real scalar (or ``(loss, aux)`` with ``has_aux``).
+      argnums: which positional argument(s) to differentiate, as in ``jax.grad``.
+      has_aux: as in ``jax.grad``.
+      stream_argnums: which positional argument(s) hold the network input; by default
+        all arguments not in ``argnums``. May overlap ``argnums`` to also get the
+        input gradient.
+      mode: how phase 1 gets ``g₀``. ``"mixed"``: a reverse pass for the input
+        cotangent only, storing what that needs (weights, sign masks), not activations.
+      debug: raise :class:`moonjax.NonFiniteCotangentError` if a swept cotangent is
+        NaN/Inf (a singular weight), like ``jax_debug_nans``.
+
+    Returns:
+      A function with the signature of ``fun`` returning ``(value, grads)``
+      (``((value, aux), grads)`` with ``has_aux``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, moonjax
+      >>> def loss(w, x):
+      ...     return jnp.sum(jnp.tanh(x @ w) ** 2)
+      >>> w, x = jnp.eye(3), jnp.ones((2, 3))
+      >>> v, g = moonjax.moonwalk_value_and_grad(loss)(w, x)
+      >>> bool(jnp.allclose(g, jax.grad(loss)(w, x), atol=1e-5))
+      True
+    """
+    if mode not in MODES:
+        raise ArgumentError(f"mode must be one of {MODES}, got {mode!r}")
+
+    @functools.wraps(fun)
+    def value_and_grad_fn(*args, **kwargs):
+        nargs = len(args)
+        diff = _normalize_argnums(argnums, nargs, "argnums")
+        if stream_argnums is None:
+            stream_ix = tuple(i for i in range(nargs) if i not in diff)
+        else:
+            stream_ix = _normalize_argnums(stream_argnums, nargs, "stream_argnums")
+        leaves, treedefs = [], []
+        for a in args:
+            lv, td = jax.tree_util.tree_flatten(a)
+            leaves.append(lv)
+            treedefs.append(td)
+        for i in diff:
+            for leaf in leaves[i]:
+                dtype = jnp.result_type(leaf)
+                if not jnp.issubdtype(dtype, jnp.inexact):
+                    raise ArgumentError(
+                        f"argument {i} to differentiate has a leaf of dtype {dtype}; like "
+                        "jax.grad, moonwalk_grad differentiates float inputs only")
+        sizes = [len(lv) for lv in leaves]
+        flat = list(itertools.chain.from_iterable(leaves))
+        offsets = list(itertools.accumulate([0] + sizes))
+        stream_flat = [
+            j for i in stream_ix for j in range(offsets[i], offsets[i + 1])
+            if jnp.issubdtype(jnp.result_type(flat[j]), jnp.inexact)
+        ]
+        if not stream_flat:
+            raise ArgumentError(
+                "moonwalk_grad needs the network input as a float argument that is not "
+                f"differentiated (argnums={diff}); pass the data as an argument or set "
+                "stream_argnums")
+
+        def call(flat_vals):
+            rebuilt = [
+                jax.tree_util.tree_unflatten(td, flat_vals[offsets[i]:offsets[i + 1]])
+                for i, td in enumerate(treedefs)
+            ]
+            out = fun(*rebuilt, **kwargs)
+            _check_loss(out, has_aux)
+            return out
+
+        # Phase 1: the exact cotangent of the stream, parameters held constant.
+        def phase1(*stream_vals):
+            vals = list(flat)
+            for j, s in zip(stream_flat, stream_vals):
+                vals[j] = s
+            out = call(vals)
+            return (out[0], out[1]) if has_aux else (out, None)
+
+        loss, pullback, aux = jax.vjp(phase1, *[flat[j] for j in stream_flat], has_aux=True)
+        g_stream = pullback(jnp.ones_like(loss))
+
+        # Phase 2: the sweep, on the program of the loss alone.
+        closed = jax.make_jaxpr(lambda *v: call(list(v))[0] if has_aux else call(list(v)))(
+            *flat)
+        graph, consts = G.flatten(closed)
+        nc = len(consts)
+        stream_mask = [False] * nc + [False] * len(flat)
+        for j in stream_flat:
+            stream_mask[nc + j] = True
+        params_mask = [False] * nc + [False] * len(flat)
+        for i in diff:
+            for j in range(offsets[i], offsets[i + 1]):
+                params_mask[nc + j] = True
+        known = {nc + j: g for j, g in zip(stream_flat, g_stream)}
+        _, _, in_cts = sweep(graph, list(consts) + flat, stream_mask, known, head=True,
+                             params=params_mask, debug=debug)
+        stream_ct = dict(zip(stream_flat, g_stream))
+        grads = []
+        for i in diff:
+            gl = []
+            for j in range(offsets[i], offsets[i + 1]):
+                c = stream_ct[j] if j in stream_ct else in_cts[nc + j]
+                gl.append(c if c is not None else jnp.zeros_like(flat[j]))
+            grads.append(jax.tree_util.tree_unflatten(treedefs[i], gl))
+        grads = grads[0] if isinstance(argnums, int) else tuple(grads)
+        value = (loss, aux) if has_aux else loss
+        return value, grads
+
+    return value_and_grad_fn
+
+
+def moonwalk_grad(
+    fun: Callable,
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+    *,
+    stream_argnums: int | Sequence[int] | None = None,
+    mode: str = "mixed",
+    debug: bool = False,
+) -> Callable:
+    """Like :func:`jax.grad`, computed by Moonwalk (inverse-forward differentiation).
+
+    Same contract as ``jax.grad``: ``argnums`` int or tuple, ``has_aux``, pytrees,
+    works under ``jax.jit`` and ``jax.vmap``. See :func:`moonwalk_value_and_grad` for
+    the method and the extra options.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, moonjax
+      >>> loss = lambda w, x: jnp.mean(jax.nn.leaky_relu(x @ w, 0.2))
+      >>> g = jax.jit(moonjax.moonwalk_grad(loss))(jnp.eye(4), jnp.ones((8, 4)))
+      >>> g.shape
+      (4, 4)
+    """
+    vg = moonwalk_value_and_grad(fun, argnums, has_aux, stream_argnums=stream_argnums,
+                                 mode=mode, debug=debug)
+
+    @functools.wraps(fun)
+    def grad_fn(*args, **kwargs):
+        value, grads = vg(*args, **kwargs)
+        return (grads, value[1]) if has_aux else grads
+
+    return grad_fn
+
+
+def vijp(fun: Callable, *primals: Any, debug: bool = False):
+    """The vector–inverse-Jacobian product of a submersive ``fun`` at ``primals``.
+
+    Returns ``(out, vijp_fn)``. ``vijp_fn(g_in)`` takes cotangents shaped like
+    ``primals`` and returns the unique output cotangent ``g_out`` with
+    ``jax.vjp(fun, *primals)[1](g_out) == g_in`` — the inverse of the vjp. It exists
+    when ``fun``'s Jacobian is surjective (an invertible layer, or one that lowers the
+    dimension with full rank) and ``g_in`` lies in the Jacobian's row space.
+
+    Example:
+      >>> import jax.numpy as jnp, moonjax
+      >>> w = jnp.array([[2.0, 1.0], [0.0, 1.0]])
+      >>> out, vijp_fn = moonjax.vijp(lambda x: jnp.tanh(x @ w), jnp.ones((1, 2)))
+      >>> g_out = vijp_fn(jnp.ones((1, 2)))
+    """
+    leaves, in_tree = jax.tree_util.tree_flatten(primals)
+    for leaf in leaves:
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            raise ArgumentError("vijp takes float inputs only")
+    out_store = {}
+
+    def flat_fun(*ls):
+        out = fun(*jax.tree_util.tree_unflatten(in_tree, list(ls)))
+        out_leaves, out_store["tree"] = jax.tree_util.tree_flatten(out)
+        return out_leaves
+
+    closed = jax.make_jaxpr(flat_fun)(*leaves)
+    out_tree = out_store["tree"]
+    graph, consts = G.flatten(closed)
+    nc = len(consts)
+    out = jax.tree_util.tree_unflatten(out_tree, flat_fun(*leaves))
+
+    def vijp_fn(*g_in):
+        g_leaves = jax.tree_util.tree_leaves(g_in)
+        if len(g_leaves) != len(leaves):
+            raise ArgumentError(
+                f"vijp_fn expects cotangents shaped like the primals ({len(leaves)} "
+                f"leaves), got {len(g_leaves)}")
+        mask = [False] * nc + [True] * len(leaves)
+        known = {nc + k: g for k, g in enumerate(g_leaves)}
+        _, out_cts, _ = sweep(graph, list(consts) + leaves, mask, known, head=False,
+                              debug=debug)
+        out_cts = [c if c is not None else jnp.zeros_like(o)
+                   for c, o in zip(out_cts, jax.tree_util.tree_leaves(out))]
+        return jax.tree_util.tree_unflatten(out_tree, out_cts)
+
+    return out, vijp_fn
+
+
+_custom_ids = itertools.count()
+
+
+class custom_vijp:
+    """A block with a hand-written vijp, like :func:`jax.custom_vjp`.
+
+    The decorated function's first argument is the spine (any pytree of float arrays);
+    the others are parameters or side inputs. ``defvijp(rule)`` sets
+    ``rule(*args, g_x) -> g_y``: given the block's arguments and the cotangent of its
+    first argument, the unique cotangent of its output. Parameter cotangents are then
+    pulled back through the block with ordinary reverse mode, and ``jax.grad`` of the
+    block is unaffected.
+
+    Example:
+      >>> import jax.numpy as jnp, moonjax
+      >>> @moonjax.custom_vijp
+      ... def scale(x, s):
+      ...     return x * jnp.exp(s)
+      >>> @scale.defvijp
+      ... def _(x, s, g):
+      ...     return g * jnp.exp(-s)
+    """
+
+    def __init__(self, fun: Callable):
+        functools.update_wrapper(self, fun)
+        self.fun = fun
+        self.rule: Callable | None = None
+        self._jitted: dict = {}
+
+    def defvijp(self, rule: Callable) -> Callable:
+        self.rule = rule
+        return rule
+
+    def __call__(self, *args):
+        if self.rule is None:
+            raise ArgumentError(
+                f"custom_vijp function {self.fun.__name__} has no rule: call defvijp")
+        leaves, in_tree = jax.tree_util.tree_flatten(args)
+        n_spine = len(jax.tree_util.tree_leaves(args[0]))
+        jitted = self._jitted.get(in_tree)
+        if jitted is None:
+            name = f"moonjax_custom_vijp_{next(_custom_ids)}_{self.fun.__name__}"
+            fun, rule = self.fun, self.rule
+            out_tree_box = {}
+
+            def flat(*ls):
+                out = fun(*jax.tree_util.tree_unflatten(in_tree, list(ls)))
+                out_leaves, out_tree_box["tree"] = jax.tree_util.tree_flatten(out)
+                return out_leaves
+
+            flat.__name__ = name
+
+            def block_vijp(node, positions, g_ins, invals):
+                rebuilt = jax.tree_util.tree_unflatten(in_tree, list(invals))
+                g_x = jax.tree_util.tree_unflatten(
+                    jax.tree_util.tree_structure(rebuilt[0]), list(g_ins))
+                g_y = rule(*rebuilt, g_x)
+                return jax.tree_util.tree_leaves(g_y)
+
+            G.CUSTOM_BLOCKS[name] = VijpRule(block_vijp, merge=True, spine_arity=n_spine)
+            jitted = (jax.jit(flat), out_tree_box)
+            self._jitted[in_tree] = jitted
+        fn, box = jitted
+        out_leaves = fn(*leaves)
+        return jax.tree_util.tree_unflatten(box["tree"], out_leaves)

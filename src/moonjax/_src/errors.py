@@ -1,0 +1,56 @@
+"""The one error hierarchy of moonjax.
+
+Every error moonjax raises on purpose is a :class:`MoonjaxError`. Errors that come
+from an equation of the user's program name the primitive and the user's source
+line (JAX keeps ``source_info`` on every equation) and say what to do.
+"""
+
+from __future__ import annotations
+
+from jax.extend import source_info_util
+
+
+class MoonjaxError(Exception):
+    """Base class of every error moonjax raises on purpose."""
+
+
+class UnsupportedPrimitiveError(MoonjaxError, NotImplementedError):
+    """A primitive on the spine has no vijp rule."""
+
+
+class NotSubmersiveError(MoonjaxError):
+    """A layer's Jacobian is not surjective, so its vijp is not unique."""
+
+
+class SpineStructureError(MoonjaxError):
+    """The program's data flow cannot be swept forwards (e.g. a value feeds two layers)."""
+
+
+class LossShapeError(MoonjaxError, TypeError):
+    """The differentiated function does not return a real scalar."""
+
+
+class ArgumentError(MoonjaxError, ValueError):
+    """Bad ``argnums``, ``stream_argnums`` or input types."""
+
+
+class NonFiniteCotangentError(MoonjaxError, FloatingPointError):
+    """``debug=True`` found a NaN or Inf in a swept cotangent (e.g. a singular weight)."""
+
+
+def where(source_info) -> str:
+    """The user's ``file:line`` of an equation's source info, or ``<unknown>``."""
+    if source_info is None:
+        return "<unknown location>"
+    try:
+        return source_info_util.summarize(source_info)
+    except Exception:  # pragma: no cover - defensive: source info is best effort
+        return "<unknown location>"
+
+
+def equation_error(cls, node, what: str, fix: str) -> MoonjaxError:
+    """An error of class ``cls`` that names ``node``'s primitive and source line."""
+    return cls(
+        f"{what}\n  primitive: {node.primitive.name}\n  at: {where(node.source_info)}\n"
+        f"  fix: {fix}"
+    )

@@ -1,0 +1,87 @@
+"""The vijp rule registry: one table keyed by JAX primitive.
+
+Three families of rules live here, one file each:
+
+* ``elementwise`` — elementwise primitives. They are not inverted one by one: the
+  sweep groups a connected region of them with a single spine input into one
+  elementwise map ``φ`` and uses ``vijp = g / φ'(a)``. Their entry in
+  :data:`elementwise_rules` only says whether the primitive keeps ``φ`` injective.
+* ``structural`` — bijective moves (reshape, transpose, split, concatenate, …).
+* ``linear`` — ``dot_general`` with a square or full-rank weight.
+
+A rule of :data:`vijp_rules` is a :class:`VijpRule`; users add their own with
+:func:`register_vijp`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+# elementwise primitive -> check(node, region_flags) -> None (fine) or a reason string
+elementwise_rules: dict[Any, Callable] = {}
+
+# primitive -> VijpRule
+vijp_rules: dict[Any, VijpRule] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class VijpRule:
+    """How the sweep crosses one primitive.
+
+    Attributes:
+      vijp: ``vijp(node, positions, g_ins, invals) -> list of output cotangents``:
+        given the known cotangents ``g_ins`` of the inputs at ``positions`` (the
+        spine operands) and all primal inputs, return the unique cotangents of the
+        outputs. ``None`` for an output means "no cotangent" (non-float output).
+      check: ``check(node, positions) -> None | str``: a static test that the
+        primitive is submersive in the spine operands; the string says why not.
+      merge: ``True`` when every stream operand is a spine operand (``concatenate``):
+        the sweep then waits until all of them are known.
+      spine_arity: for blocks with a hand-written vijp, the number of leading operands
+        that form the spine.
+    """
+
+    vijp: Callable
+    check: Callable | None = None
+    merge: bool = False
+    spine_arity: int | None = None
+
+
+def register_vijp(primitive, rule: Callable, *, check: Callable | None = None) -> None:
+    """Register a vijp rule for a primitive with one spine operand.
+
+    ``rule(g, *primals, argnum, **params)`` gets the known cotangent ``g`` of input
+    ``argnum`` and returns the unique cotangent of the (single) output ``y`` such that
+    ``vjp(prim)(y_ct)[argnum] == g``. ``check(argnum, *avals, **params)`` may return a
+    string saying why the primitive is not submersive for those operands.
+
+    Example::
+
+        moonjax.register_vijp(my_scale_p,
+            lambda g, x, s, *, argnum, **p: g / s)
+    """
+    if isinstance(rule, VijpRule):
+        vijp_rules[primitive] = rule
+        return
+
+    def vijp(node, positions, g_ins, invals):
+        (pos,) = positions
+        out = rule(g_ins[0], *invals, argnum=pos, **node.params)
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
+    def static_check(node, positions):
+        if check is None:
+            return None
+        (pos,) = positions
+        return check(pos, *[a.aval for a in node.inputs], **node.params)
+
+    vijp_rules[primitive] = VijpRule(vijp, static_check)
+
+
+def _load_builtin_rules() -> None:
+    from moonjax._src.rules import elementwise, linear, structural  # noqa: F401
+
+
+_load_builtin_rules()

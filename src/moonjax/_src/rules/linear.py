@@ -1,0 +1,76 @@
+"""``dot_general`` with a weight: solve instead of multiply.
+
+For ``y = x · W`` with the spine ``x`` contracted against a weight ``W`` reshaped to a
+``K × N`` matrix, backprop gives ``g_x = g_y Wᵀ``. When ``N = K`` and ``W`` is
+invertible the unique ``g_y`` is ``solve(W, g_xᵀ)ᵀ`` (an LU solve, never an explicit
+inverse). When ``N < K`` and ``W`` has full column rank the map is a submersion and
+``g_y = g_x Q R⁻ᵀ`` with ``W = QR``, exact on the row space where ``g_x`` lives.
+``N > K`` expands, so ``g_y`` is not unique: that layer is not submersive.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from jax import lax
+from jax.scipy.linalg import solve_triangular
+
+from moonjax._src.rules import VijpRule, vijp_rules
+
+
+def _layout(node, pos):
+    """Dimension bookkeeping of a ``dot_general`` whose spine is operand ``pos``."""
+    (lc, rc), (lb, rb) = node.params["dimension_numbers"]
+    x_aval = node.inputs[pos].aval
+    w_aval = node.inputs[1 - pos].aval
+    xc, wc = (lc, rc) if pos == 0 else (rc, lc)
+    xb, wb = (lb, rb) if pos == 0 else (rb, lb)
+    x_free = [d for d in range(x_aval.ndim) if d not in xc and d not in xb]
+    w_free = [d for d in range(w_aval.ndim) if d not in wc and d not in wb]
+    return x_aval, w_aval, list(xc), list(wc), list(xb), x_free, w_free
+
+
+def _check(node, positions):
+    if len(positions) != 1:
+        return "`dot_general` of two spine values is not invertible"
+    (pos,) = positions
+    x_aval, w_aval, xc, wc, xb, x_free, w_free = _layout(node, pos)
+    if xb:
+        return "`dot_general` with batch dimensions on the spine operand is not supported"
+    k = math.prod(x_aval.shape[d] for d in xc)
+    n = math.prod(w_aval.shape[d] for d in w_free)
+    if n > k:
+        return (
+            f"`dot_general` maps {k} features to {n}: an expanding dense layer has a "
+            "cokernel (its Jacobian is not surjective)"
+        )
+    return None
+
+
+def _vijp(node, positions, g_ins, invals):
+    (pos,) = positions
+    g_x = g_ins[0]
+    w = invals[1 - pos]
+    x_aval, w_aval, xc, wc, xb, x_free, w_free = _layout(node, pos)
+    k = math.prod(x_aval.shape[d] for d in xc)
+    n = math.prod(w_aval.shape[d] for d in w_free)
+    m_shape = [x_aval.shape[d] for d in x_free]
+    # g_x as (M, K) with the contracted axes last, in W's contraction order.
+    g = jnp.transpose(g_x, x_free + xc).reshape(math.prod(m_shape), k)
+    # W as (K, N).
+    wm = jnp.transpose(w, wc + w_free).reshape(k, n).astype(g.dtype)
+    if n == k:
+        g_y = jnp.linalg.solve(wm, g.T).T
+    else:
+        q, r = jnp.linalg.qr(wm)  # wm = q r, q: (K, N), r: (N, N)
+        g_y = solve_triangular(r, (g @ q).T, lower=False).T
+    w_free_shape = [w_aval.shape[d] for d in w_free]
+    g_y = g_y.reshape(m_shape + w_free_shape)
+    if pos == 1:  # output layout is (w_free..., x_free...)
+        nm, nw = len(m_shape), len(w_free_shape)
+        g_y = jnp.transpose(g_y, list(range(nm, nm + nw)) + list(range(nm)))
+    return [g_y.astype(node.outputs[0].aval.dtype)]
+
+
+vijp_rules[lax.dot_general_p] = VijpRule(_vijp, _check)

@@ -1,0 +1,96 @@
+"""The sweep of ``lax.scan``: a scan whose body runs the sweep.
+
+A network written as ``scan`` over stacked layer parameters sweeps as a scan over the
+same parameters: the carry is ``(h, g_h, Σ const cotangents)``, each step sweeps one
+layer's body, and the per-layer parameter cotangents come out as the scan's stacked
+outputs. Compile time stays independent of depth and nothing per layer is kept.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from moonjax._src import graph as G
+from moonjax._src.errors import SpineStructureError
+from moonjax._src.sweep import is_float, stream_dependence, sweep
+
+
+def _stream_carry(graph, n_lead, nc, ncar, init_stream):
+    """Fixed point: which carries depend on the stream after any number of steps."""
+    flags = list(init_stream)
+    while True:
+        stream = [False] * n_lead + [False] * nc + flags + [False] * (
+            len(graph.invars) - n_lead - nc - ncar)
+        dep = stream_dependence(graph, stream)
+        new = [
+            f or (isinstance(o, G.Value) and id(o) in dep)
+            for f, o in zip(flags, graph.outvars[:ncar])
+        ]
+        if new == flags:
+            return flags
+        flags = new
+
+
+def sweep_scan(node, invals, g_carry, const_stream, debug):
+    """Sweep a ``scan`` node forwards; returns ``(outs, out_cts, in_cts)``.
+
+    ``g_carry`` maps carry positions (that depend on the stream) to their cotangents.
+    ``in_cts`` holds the cotangents of the consts and ``xs`` (``None`` for carries).
+    """
+    p = node.params
+    nc, ncar = p["num_consts"], p["num_carry"]
+    graph, body_consts = G.flatten(p["jaxpr"])
+    n_lead = len(body_consts)
+    consts, init, xs = invals[:nc], invals[nc:nc + ncar], invals[nc + ncar:]
+    flags = _stream_carry(graph, n_lead, nc, ncar, [i in g_carry for i in range(ncar)])
+    for i, f in enumerate(flags):
+        if f and i not in g_carry:
+            raise SpineStructureError(
+                f"scan carry {i} starts as a constant but comes to depend on the network "
+                "input; start it from the input, or keep it out of the loop")
+        if not f and is_float(node.inputs[nc + i].aval):
+            raise SpineStructureError(
+                f"scan carry {i} is a float that does not depend on the network input; "
+                "moonjax sweeps loops whose float carries are the activations only")
+    stream = [False] * (n_lead + nc) + flags + [False] * len(xs)
+    float_consts = [i for i in range(nc) if is_float(node.inputs[i].aval)]
+    float_xs = [i for i in range(len(xs)) if is_float(node.inputs[nc + ncar + i].aval)]
+    stream_out = [i for i, o in enumerate(graph.outvars)
+                  if i >= ncar and is_float(o.aval)]
+
+    def step(state, x_slice):
+        carry, g, acc = state
+        body_in = list(body_consts) + list(consts) + list(carry) + list(x_slice)
+        known = {n_lead + nc + i: g[k] for k, i in enumerate(sorted(g_carry))}
+        outs, out_cts, in_cts = sweep(graph, body_in, stream, known, head=False, debug=debug)
+        new_g = [out_cts[i] for i in sorted(g_carry)]
+        acc = [a + _or_zero(in_cts[n_lead + i], node.inputs[i].aval)
+               for a, i in zip(acc, float_consts)]
+        xs_ct = [_or_zero(in_cts[n_lead + nc + ncar + i], node.inputs[nc + ncar + i].aval)
+                 for i in float_xs]
+        ys_ct = [_or_zero(out_cts[i], graph.outvars[i].aval) for i in stream_out]
+        return (outs[:ncar], new_g, acc), (outs[ncar:], xs_ct, ys_ct)
+
+    acc0 = [jnp.zeros(node.inputs[i].aval.shape, node.inputs[i].aval.dtype)
+            for i in float_consts]
+    g0 = [g_carry[i] for i in sorted(g_carry)]
+    (carry, g, acc), (ys, xs_ct, ys_ct) = lax.scan(
+        step, (list(init), g0, acc0), list(xs), length=p["length"], reverse=p["reverse"],
+        unroll=p["unroll"])
+    outs = list(carry) + list(ys)
+    out_cts = [None] * len(outs)
+    for k, i in enumerate(sorted(g_carry)):
+        out_cts[i] = g[k]
+    for k, i in enumerate(stream_out):
+        out_cts[i] = ys_ct[k]
+    in_cts = [None] * len(invals)
+    for a, i in zip(acc, float_consts):
+        in_cts[i] = a
+    for c, i in zip(xs_ct, float_xs):
+        in_cts[nc + ncar + i] = c
+    return outs, out_cts, in_cts
+
+
+def _or_zero(c, aval):
+    return c if c is not None else jnp.zeros(aval.shape, aval.dtype)

@@ -1,0 +1,583 @@
+"""The inverse-forward sweep over a flattened program.
+
+Given the exact cotangents of the *stream* inputs (the network input, from phase 1),
+``sweep`` walks the program forwards once and recovers every other cotangent:
+
+* A value ``v`` whose total cotangent is known, and all of whose uses but one are
+  already accounted for, crosses that last use with a vijp rule: the use's output
+  cotangent is the unique solution of ``g_v = vjp(use)(g_out)`` — the *spine* step.
+* A value all of whose uses are accounted for gets its cotangent as the plain sum of
+  their contributions (ordinary reverse mode) — a *side* branch, differentiated
+  locally while its block's values are alive, or the loss *head* at the very end.
+* Values that do not depend on the stream (parameters and what is computed from them
+  alone) are evaluated up front; their cotangents are pulled back once at the end.
+
+Every spine step also pulls its output cotangent back to its other operands, which is
+where parameter gradients come from. Nothing of a layer outlives the layer, so the
+sweep's memory does not grow with depth. ``scan`` over layers sweeps with a scan.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from moonjax._src import graph as G
+from moonjax._src.errors import (
+    MoonjaxError,
+    NotSubmersiveError,
+    SpineStructureError,
+    UnsupportedPrimitiveError,
+    equation_error,
+    where,
+)
+from moonjax._src.rules import elementwise_rules, vijp_rules
+from moonjax._src.rules.structural import slice_partition
+
+
+def is_float(aval) -> bool:
+    return hasattr(aval, "dtype") and jnp.issubdtype(aval.dtype, jnp.inexact)
+
+
+def _zeros(aval):
+    if is_float(aval):
+        return jnp.zeros(aval.shape, aval.dtype)
+    return np.zeros(aval.shape, jax.dtypes.float0)
+
+
+def _add(a, b):
+    return b if a is None else a + b
+
+
+class _Blocked:
+    """Why the sweep could not cross the uses of a value (raised only if it matters)."""
+
+    def __init__(self, value, node, error: MoonjaxError):
+        self.value, self.node, self.error = value, node, error
+
+    @property
+    def order(self) -> int:
+        return self.node.index if self.node is not None else -1
+
+
+def stream_dependence(graph: G.Graph, stream: list[bool]) -> set[int]:
+    """Ids of the values that depend on the stream invars."""
+    dep = {id(v) for v, s in zip(graph.invars, stream) if s}
+    for node in graph.nodes:
+        if any(isinstance(a, G.Value) and id(a) in dep for a in node.inputs):
+            dep.update(id(o) for o in node.outputs)
+    return dep
+
+
+def sweep(graph, invals, stream, known_cts, *, head, params=None, debug=False):
+    """Run the inverse-forward sweep over ``graph``.
+
+    Args:
+      graph: the flattened program.
+      invals: values of ``graph.invars``.
+      stream: per invar, whether it is a spine root (its cotangent is known).
+      known_cts: per invar index, the known total cotangent of that stream invar.
+      head: ``True`` for a whole loss: ``outvars[0]`` is the scalar loss with
+        cotangent 1 and the trailing non-submersive head is differentiated in reverse
+        mode. ``False`` for a block: the cotangents of all outputs are swept.
+      params: per invar, whether a non-stream invar is a trained parameter (used to
+        refuse a head that would need stored activations). Defaults to all floats.
+      debug: check swept cotangents for NaN/Inf.
+
+    Returns:
+      ``(outvals, out_cts, in_cts)``: output values, the swept output cotangents
+      (``None`` where there is none) and the cotangents of the non-stream invars
+      (``None`` for stream or non-float invars).
+    """
+    return _Sweep(graph, invals, stream, known_cts, head, params, debug).run()
+
+
+class _Sweep:
+    def __init__(self, graph, invals, stream, known_cts, head, params, debug):
+        self.g = graph
+        self.head = head
+        self.debug = debug
+        self.dep = stream_dependence(graph, stream)
+        self.stream_nodes = [
+            n for n in graph.nodes
+            if any(isinstance(a, G.Value) and id(a) in self.dep for a in n.inputs)
+        ]
+        self.stream_ids = {id(n) for n in self.stream_nodes}
+        self.invals = invals
+        self.stream = stream
+        self.val: dict[int, object] = {}
+        self.ct: dict[int, object] = {}  # known total cotangents (None: no cotangent)
+        self.acc: dict[int, object] = {}  # contributions from resolved uses
+        self.nacc: dict[int, object] = {}  # cotangents of non-stream values
+        self.unresolved = {}  # id(value) -> list of (node, pos) not yet resolved
+        self.evaluated: set[int] = set()
+        self.resolved: set[int] = set()
+        self.pullbacks: dict[int, object] = {}
+        self.queue: deque = deque()
+        self.blocked: dict[int, _Blocked] = {}
+        self.head_nodes: set[int] = set()
+        self.out_pending: set[int] = set()
+        self.out_cts: dict[int, object] = {}
+        self.consumed: set[int] = set()
+        if params is None:
+            params = [is_float(v.aval) for v in graph.invars]
+        self.param_dep = {id(v) for v, p, s in zip(graph.invars, params, stream) if p and not s}
+        self._known_cts = known_cts
+
+    # -- bookkeeping -------------------------------------------------------------------
+
+    def read(self, a):
+        return a.val if isinstance(a, G.Lit) else self.val[id(a)]
+
+    def is_dep(self, a) -> bool:
+        return isinstance(a, G.Value) and id(a) in self.dep
+
+    def residual(self, v):
+        acc = self.acc.get(id(v))
+        return self.ct[id(v)] if acc is None else self.ct[id(v)] - acc
+
+    def set_known(self, v, ct):
+        self.ct[id(v)] = ct
+        self.queue.append(("fwd", v))
+        if v.producer is not None and id(v.producer) not in self.resolved:
+            self.queue.append(("bwd", v.producer))
+
+    def contribute(self, a, c):
+        if not isinstance(a, G.Value) or c is None or not is_float(a.aval):
+            return
+        if getattr(c, "dtype", None) == jax.dtypes.float0:
+            return
+        if id(a) in self.dep:
+            self.acc[id(a)] = _add(self.acc.get(id(a)), c)
+        else:
+            self.nacc[id(a)] = _add(self.nacc.get(id(a)), c)
+
+    def block(self, v, node, error):
+        self.blocked.setdefault(id(v), _Blocked(v, node, error))
+
+    # -- setup -------------------------------------------------------------------------
+
+    def _constant_part(self):
+        """Evaluate the non-stream nodes once; keep their pullback for the end."""
+        g = self.g
+        needed = []
+        seen = set()
+        for node in self.stream_nodes:
+            for a in node.inputs:
+                if isinstance(a, G.Value) and id(a) not in self.dep and id(a) not in seen:
+                    seen.add(id(a))
+                    needed.append(a)
+        for o in g.outvars:
+            if isinstance(o, G.Value) and id(o) not in self.dep and id(o) not in seen:
+                seen.add(id(o))
+                needed.append(o)
+        diff_idx = [
+            i for i, v in enumerate(g.invars) if not self.stream[i] and is_float(v.aval)
+        ]
+        const_nodes = [n for n in g.nodes if id(n) not in self.stream_ids]
+
+        def const_fn(*diff_vals):
+            env = {id(v): x for v, x in zip(g.invars, self.invals)}
+            env.update({id(g.invars[i]): x for i, x in zip(diff_idx, diff_vals)})
+            for node in const_nodes:
+                ins = [a.val if isinstance(a, G.Lit) else env[id(a)] for a in node.inputs]
+                env.update(zip(map(id, node.outputs), node.bind(*ins)))
+            return [env[id(v)] for v in needed]
+
+        vals, pullback = jax.vjp(const_fn, *[self.invals[i] for i in diff_idx])
+        for v, x in zip(needed, vals):
+            self.val[id(v)] = x
+        for node in const_nodes:  # parameter dependence, for the head check
+            if any(isinstance(a, G.Value) and id(a) in self.param_dep for a in node.inputs):
+                self.param_dep.update(id(o) for o in node.outputs)
+        return needed, diff_idx, pullback
+
+    # -- main loop ---------------------------------------------------------------------
+
+    def run(self):
+        g = self.g
+        needed, diff_idx, const_pullback = self._constant_part()
+        for i, v in enumerate(g.invars):
+            if self.stream[i]:
+                self.val[id(v)] = self.invals[i]
+        for v in [*g.invars, *(o for n in self.stream_nodes for o in n.outputs)]:
+            if id(v) in self.dep:
+                self.unresolved[id(v)] = list(v.uses)
+        for i, v in enumerate(g.invars):
+            if self.stream[i]:
+                self.set_known(v, self._known_cts.get(i) if is_float(v.aval) else None)
+        if self.head:
+            (loss,) = g.outvars
+            one = jnp.ones((), loss.aval.dtype)
+            if self.is_dep(loss):
+                self.set_known(loss, one)
+                self.head_nodes.add(id(loss))  # a marker: uses of the loss are the head
+            elif isinstance(loss, G.Value):
+                self.nacc[id(loss)] = one
+        else:
+            for o in g.outvars:
+                if self.is_dep(o) and is_float(o.aval):
+                    if id(o) in self.out_pending:
+                        raise SpineStructureError(
+                            "a value is returned twice by a swept block; its cotangent "
+                            "split between the two outputs is not unique"
+                        )
+                    self.out_pending.add(id(o))
+        self.settle()
+        for node in self.stream_nodes:
+            if node.primitive is lax.scan_p and self._try_scan(node):
+                pass
+            else:
+                self._evaluate(node)
+            self.settle()
+        self._finish()
+        in_cts = [None] * len(g.invars)
+        if diff_idx:
+            cts = [
+                self.nacc.get(id(v)) if self.nacc.get(id(v)) is not None else _zeros(v.aval)
+                for v in needed
+            ]
+            for i, c in zip(diff_idx, const_pullback(cts)):
+                in_cts[i] = c
+        outvals = [self.read(o) for o in g.outvars]
+        out_cts = [self.out_cts.get(id(o)) if isinstance(o, G.Value) else None
+                   for o in g.outvars]
+        return outvals, out_cts, in_cts
+
+    def _evaluate(self, node):
+        invals = [self.read(a) for a in node.inputs]
+        if any(is_float(o.aval) for o in node.outputs):
+            outs, pullback = jax.vjp(lambda *xs: tuple(node.bind(*xs)), *invals)
+            self.pullbacks[id(node)] = pullback
+        else:
+            outs = node.bind(*invals)
+        for o, x in zip(node.outputs, outs):
+            self.val[id(o)] = x
+        self.evaluated.add(id(node))
+        for o in node.outputs:
+            if not is_float(o.aval):
+                self.ct[id(o)] = None
+        if not any(is_float(o.aval) for o in node.outputs):
+            self._resolve(node, contributions=None)
+        else:
+            for a in node.inputs:
+                if self.is_dep(a) and id(a) in self.ct:
+                    self.queue.append(("fwd", a))
+            self.queue.append(("bwd", node))
+
+    def settle(self):
+        while self.queue:
+            kind, item = self.queue.popleft()
+            if kind == "fwd":
+                if id(item) in self.ct and id(item) not in self.consumed:
+                    self._try_forward(item)
+            else:
+                self._try_backward(item)
+
+    # -- resolution --------------------------------------------------------------------
+
+    def _pull(self, node, out_cts):
+        """Contributions of ``node``'s output cotangents to its inputs."""
+        pullback = self.pullbacks.pop(id(node), None)
+        if pullback is None:
+            return [None] * len(node.inputs)
+        cts = tuple(
+            c if c is not None else _zeros(o.aval) for o, c in zip(node.outputs, out_cts)
+        )
+        return list(pullback(cts))
+
+    def _resolve(self, node, contributions, skip=()):
+        """Mark ``node`` resolved and hand its input contributions over."""
+        self.resolved.add(id(node))
+        self.pullbacks.pop(id(node), None)
+        for pos, a in enumerate(node.inputs):
+            if contributions is not None and id(a) not in skip:
+                self.contribute(a, contributions[pos])
+        for a in {id(a): a for a in node.inputs if self.is_dep(a)}.values():
+            uses = self.unresolved[id(a)]
+            uses[:] = [(n, p) for n, p in uses if n is not node]
+            if id(a) in self.ct:
+                self.queue.append(("fwd", a))
+            elif not uses and id(a) not in self.out_pending:
+                # all uses accounted for: reverse mode gives its cotangent
+                acc = self.acc.get(id(a))
+                self.set_known(a, acc if acc is not None else _zeros(a.aval))
+
+    def _try_backward(self, node):
+        if id(node) in self.resolved or id(node) not in self.evaluated:
+            return
+        if not all(id(o) in self.ct for o in node.outputs):
+            return
+        if self.head and any(
+            id(o) in self.head_nodes or any(id(n) in self.head_nodes for n, _ in o.uses)
+            for o in node.outputs
+        ):
+            self.head_nodes.add(id(node))
+        out_cts = [self.ct[id(o)] for o in node.outputs]
+        self._resolve(node, self._pull(node, out_cts))
+
+    def _finish_output(self, v):
+        self.out_cts[id(v)] = self.residual(v)
+        self.out_pending.discard(id(v))
+
+    def _try_forward(self, v):
+        uses = self.unresolved.get(id(v), [])
+        if not uses:
+            if id(v) in self.out_pending:
+                self._finish_output(v)
+            self.consumed.add(id(v))
+            self.blocked.pop(id(v), None)
+            return
+        if self.ct[id(v)] is None:  # no cotangent to sweep (integer or boolean value)
+            return
+        nodes = list({id(n): n for n, _ in uses}.values())
+        if id(v) in self.out_pending:
+            self.block(v, nodes[0], equation_error(
+                SpineStructureError, nodes[0],
+                "a value that a swept block returns is also used inside the block",
+                "return a copy from a separate invertible step, or use moonjax.custom_vijp"))
+            return
+        if any(id(n) not in self.evaluated for n in nodes):
+            return  # wait until every use has been evaluated
+        if all(n.primitive in elementwise_rules for n in nodes):
+            done = self._region(v, nodes)
+        elif all(n.primitive is lax.slice_p for n in nodes):
+            done = self._slices(v, nodes)
+        elif len(nodes) == 1:
+            done = self._rule(v, nodes[0])
+        else:
+            first = min(nodes, key=lambda n: n.index)
+            self.block(v, first, equation_error(
+                SpineStructureError, first,
+                f"a spine value feeds {len(nodes)} operations whose cotangents are all "
+                f"unknown (also at {', '.join(where(n.source_info) for n in nodes[1:])}); "
+                "the sweep can only cross one of them — e.g. a residual `x + f(x)` with a "
+                "non-elementwise f is not invertible layer by layer",
+                "use a coupling or RevBlock (moonjax.nn), or wrap the block in "
+                "moonjax.custom_vijp"))
+            return
+        if done:
+            self.consumed.add(id(v))
+            self.blocked.pop(id(v), None)
+
+    def _check_finite(self, node, g):
+        if not self.debug or g is None:
+            return
+        msg = (f"moonjax: non-finite swept cotangent after `{node.primitive.name}` at "
+               f"{where(node.source_info)} (a singular weight or a flat activation?)")
+
+        def check(ok):
+            if not bool(ok):
+                raise FloatingPointError(msg)
+
+        jax.debug.callback(check, jnp.all(jnp.isfinite(g)))
+
+    def _rule(self, v, node):
+        rule = vijp_rules.get(node.primitive)
+        custom = G.CUSTOM_BLOCKS.get(node.params.get("name")) if node.primitive.name in (
+            "jit", "pjit") else None
+        if custom is not None:
+            rule = custom
+        if rule is None:
+            self.block(v, node, equation_error(
+                UnsupportedPrimitiveError, node,
+                f"no vijp rule for primitive `{node.primitive.name}` on the spine",
+                "register one with moonjax.register_vijp, wrap the block in "
+                "moonjax.custom_vijp, or build the layer from moonjax.nn modules"))
+            return False
+        if custom is not None:
+            positions = list(range(custom.spine_arity))
+        elif rule.merge:
+            positions = [p for p, a in enumerate(node.inputs) if self.is_dep(a)]
+        else:
+            positions = [p for p, a in enumerate(node.inputs) if a is v]
+        if len({id(node.inputs[p]) for p in positions}) != len(positions):
+            self.block(v, node, equation_error(
+                SpineStructureError, node,
+                "one spine value enters the same operation twice",
+                "make the operation read the value once"))
+            return False
+        reason = rule.check(node, positions) if rule.check is not None else None
+        if reason is not None:
+            self.block(v, node, equation_error(
+                NotSubmersiveError, node, f"layer is not submersive: {reason}",
+                "use an invertible or dimension-lowering layer here (see moonjax.nn), "
+                "or write its vijp with moonjax.custom_vijp"))
+            return False
+        spine = [node.inputs[p] for p in positions]
+        for a in spine:
+            if not self.is_dep(a) or id(a) not in self.ct:
+                return False  # wait for the other spine operands
+            others = [n for n, _ in self.unresolved[id(a)] if n is not node]
+            if others:
+                return False
+        invals = [self.read(a) for a in node.inputs]
+        g_ins = [self.residual(a) for a in spine]
+        out_cts = rule.vijp(node, positions, g_ins, invals)
+        contributions = self._pull(node, out_cts)
+        self._resolve(node, contributions, skip={id(a) for a in spine})
+        for o, c in zip(node.outputs, out_cts):
+            self._check_finite(node, c)
+            if id(o) not in self.ct:
+                self.set_known(o, c)
+        for a in spine:
+            self.consumed.add(id(a))
+        return True
+
+    def _slices(self, v, nodes):
+        part = slice_partition(nodes, v.aval)
+        if part is None:
+            self.block(v, nodes[0], equation_error(
+                NotSubmersiveError, nodes[0],
+                "slices of a spine value that do not partition it: the dropped entries "
+                "leave a cokernel",
+                "slice into pieces that together cover the value (or use jnp.split)"))
+            return False
+        axis, pieces = part
+        g = self.residual(v)
+        for start, stop, node in pieces:
+            self._resolve(node, None)
+            self.set_known(node.outputs[0], lax.slice_in_dim(g, start, stop, axis=axis))
+        return True
+
+    def _region(self, v, nodes):
+        """Cross a connected region of elementwise primitives with input ``v``."""
+        region = {id(n): n for n in nodes}
+        while True:
+            frontier = []
+            expand = {}
+            for n in region.values():
+                for o in n.outputs:
+                    outside = [u for u, _ in o.uses if id(u) not in region]
+                    if is_float(o.aval) and (outside or any(x is o for x in self.g.outvars)):
+                        frontier.append(o)
+                        for u in outside:
+                            expand[id(u)] = u
+            if len(frontier) == 1:
+                break
+            first = min(region.values(), key=lambda n: n.index)
+            if not frontier or not expand or any(
+                u.primitive not in elementwise_rules for u in expand.values()
+            ):
+                self.block(v, first, equation_error(
+                    NotSubmersiveError, first,
+                    "an elementwise map of a spine value has several outputs that feed "
+                    "different layers, so it is not one-to-one onto any one of them",
+                    "feed one layer from the activation, or use moonjax.custom_vijp"))
+                return False
+            if any(id(u) not in self.evaluated for u in expand.values()):
+                return False
+            region.update(expand)
+        (y,) = frontier
+        order = sorted(region.values(), key=lambda n: n.index)
+        inside = {id(v)}
+        for n in order:
+            flags = [isinstance(a, G.Value) and id(a) in inside for a in n.inputs]
+            if any(is_float(o.aval) and o.aval.shape != v.aval.shape for o in n.outputs):
+                self.block(v, n, equation_error(
+                    NotSubmersiveError, n,
+                    "an elementwise step changes the shape of a spine value (broadcast)",
+                    "keep spine activations at one shape through elementwise layers"))
+                return False
+            reason = elementwise_rules[n.primitive](n, flags)
+            if reason is not None:
+                self.block(v, n, equation_error(
+                    NotSubmersiveError, n, f"layer is not submersive: {reason}",
+                    "use a strictly monotone activation (leaky_relu, tanh, …) on the spine, "
+                    "or let fragments record the erased cotangent (mode with fragments)"))
+                return False
+            inside.update(id(o) for o in n.outputs)
+
+        def backprop(g_y):
+            local = {id(y): g_y}
+            outside = {}
+            for n in reversed(order):
+                cts = [local.get(id(o)) for o in n.outputs]
+                if all(c is None for c in cts):
+                    continue
+                pullback = self.pullbacks[id(n)]
+                ins = pullback(tuple(c if c is not None else _zeros(o.aval)
+                                     for o, c in zip(n.outputs, cts)))
+                for a, c in zip(n.inputs, ins):
+                    if not isinstance(a, G.Value) or not is_float(a.aval):
+                        continue
+                    target = local if id(a) in inside else outside
+                    target[id(a)] = _add(target.get(id(a)), c)
+            return local.get(id(v)), outside
+
+        dphi, _ = backprop(jnp.ones(y.aval.shape, y.aval.dtype))
+        g_y = self.residual(v) / dphi
+        self._check_finite(order[-1], g_y)
+        _, outside = backprop(g_y)
+        values = {id(a): a for n in order for a in n.inputs if isinstance(a, G.Value)}
+        for k, c in outside.items():
+            self.contribute(values[k], c)
+        for n in order:
+            for o in n.outputs:
+                if o is not y and id(o) not in self.ct:
+                    self.ct[id(o)] = None  # internal to the region: nothing to sweep
+                    self.consumed.add(id(o))
+            self._resolve(n, None)
+        self.set_known(y, g_y)
+        return True
+
+    # -- scan --------------------------------------------------------------------------
+
+    def _try_scan(self, node):
+        from moonjax._src.scan import sweep_scan
+
+        p = node.params
+        nc, ncar = p["num_consts"], p["num_carry"]
+        carry = node.inputs[nc:nc + ncar]
+        xs = node.inputs[nc + ncar:]
+        if any(self.is_dep(a) for a in xs):
+            return False
+        stream_pos = [i for i, a in enumerate(carry) if self.is_dep(a)]
+        if len({id(carry[i]) for i in stream_pos}) != len(stream_pos):
+            return False
+        for i in stream_pos:
+            a = carry[i]
+            if id(a) not in self.ct or self.ct[id(a)] is None:
+                return False
+            if any(n is not node for n, _ in self.unresolved[id(a)]):
+                return False
+        invals = [self.read(a) for a in node.inputs]
+        g_carry = {i: self.residual(carry[i]) for i in stream_pos if is_float(carry[i].aval)}
+        const_stream = [self.is_dep(a) for a in node.inputs[:nc]]
+        outs, out_cts, in_cts = sweep_scan(node, invals, g_carry, const_stream, self.debug)
+        for o, x in zip(node.outputs, outs):
+            self.val[id(o)] = x
+        self.evaluated.add(id(node))
+        self._resolve(node, in_cts, skip={id(carry[i]) for i in stream_pos})
+        for i in stream_pos:
+            self.consumed.add(id(carry[i]))
+        for o, c in zip(node.outputs, out_cts):
+            if id(o) not in self.ct:
+                self.set_known(o, c)
+        return True
+
+    # -- the end -----------------------------------------------------------------------
+
+    def _raise_blocked(self, fallback: str):
+        if self.blocked:
+            raise min(self.blocked.values(), key=lambda b: b.order).error
+        raise SpineStructureError(fallback)
+
+    def _finish(self):
+        pending = [n for n in self.stream_nodes if id(n) not in self.resolved]
+        if pending or self.out_pending:
+            where_ = where(pending[0].source_info) if pending else "the block's outputs"
+            self._raise_blocked(
+                f"the sweep could not determine every cotangent (first stuck near {where_})")
+        if self.head:
+            for node in self.stream_nodes:
+                if id(node) in self.head_nodes and any(
+                    isinstance(a, G.Value) and id(a) in self.param_dep for a in node.inputs
+                ):
+                    self._raise_blocked(
+                        "the loss head reads trained parameters after the last swept value; "
+                        f"`{node.primitive.name}` at {where(node.source_info)}")
