@@ -5,17 +5,19 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moonjax._src import graph as G
 from moonjax._src.errors import ArgumentError, LossShapeError
 from moonjax._src.rules import VijpRule
+from moonjax._src.phase1 import MODES as PHASE1
 from moonjax._src.sweep import sweep
 
-MODES = ("mixed",)
+MODES = ("mixed", "reversible", "forward")
 
 
 def _normalize_argnums(argnums, nargs: int, name: str) -> tuple[int, ...]:
@@ -40,7 +42,7 @@ def _check_loss(out, has_aux: bool):
                 "with has_aux=True the function must return a pair (loss, aux); got "
                 f"{type(out).__name__}")
         out = out[0]
-    aval = jax.core.get_aval(out) if not hasattr(out, "aval") else out.aval
+    aval = jax.typeof(out)
     shape = getattr(aval, "shape", None)
     dtype = getattr(aval, "dtype", None)
     if shape != () or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
@@ -62,8 +64,8 @@ def moonwalk_value_and_grad(
     """Like :func:`jax.value_and_grad`, computed by Moonwalk.
 
     Phase 1 computes the exact cotangent ``g₀ = ∂ℓ/∂x`` of the network input ``x``
-    (the *stream*: by default every float leaf of the positional arguments not in
-    ``argnums``). Then the inverse-forward sweep walks the network forwards,
+    (the *stream*: by default the float leaves of the first positional argument not in
+    ``argnums``, as in ``loss(params, x, y)``). Then the inverse-forward sweep walks the network forwards,
     ``g_i = vijp_i(h_{i-1}, g_{i-1})``, and pulls each ``g_i`` back to the layer's
     parameters, ``∂ℓ/∂θ_i = g_i ∂f_i/∂θ_i``, without keeping any layer's activations.
 
@@ -72,10 +74,13 @@ def moonwalk_value_and_grad(
       argnums: which positional argument(s) to differentiate, as in ``jax.grad``.
       has_aux: as in ``jax.grad``.
       stream_argnums: which positional argument(s) hold the network input; by default
-        all arguments not in ``argnums``. May overlap ``argnums`` to also get the
-        input gradient.
+        the first argument not in ``argnums``. May overlap ``argnums`` to also get the
+        input gradient. Labels and masks should stay out of it.
       mode: how phase 1 gets ``g₀``. ``"mixed"``: a reverse pass for the input
         cotangent only, storing what that needs (weights, sign masks), not activations.
+        ``"reversible"``: a reverse pass that rebuilds each layer of a ``lax.scan``
+        by inverting it, so memory is flat in depth. ``"forward"``: one JVP per entry
+        of the input, storing nothing (time grows with the input size).
       debug: raise :class:`moonjax.NonFiniteCotangentError` if a swept cotangent is
         NaN/Inf (a singular weight), like ``jax_debug_nans``.
 
@@ -95,87 +100,156 @@ def moonwalk_value_and_grad(
     if mode not in MODES:
         raise ArgumentError(f"mode must be one of {MODES}, got {mode!r}")
 
+    @functools.partial(jax.jit, static_argnums=0)
+    def compiled(static, *dynamic):
+        return _moonwalk(fun, has_aux, mode, debug, static, dynamic)
+
     @functools.wraps(fun)
     def value_and_grad_fn(*args, **kwargs):
         nargs = len(args)
         diff = _normalize_argnums(argnums, nargs, "argnums")
-        if stream_argnums is None:
-            stream_ix = tuple(i for i in range(nargs) if i not in diff)
+        if stream_argnums is None:  # the network input: the first argument not in argnums
+            stream_ix = tuple(i for i in range(nargs) if i not in diff)[:1]
         else:
             stream_ix = _normalize_argnums(stream_argnums, nargs, "stream_argnums")
         leaves, treedefs = [], []
-        for a in args:
+        for a in (*args, kwargs):
             lv, td = jax.tree_util.tree_flatten(a)
             leaves.append(lv)
             treedefs.append(td)
         for i in diff:
             for leaf in leaves[i]:
-                dtype = jnp.result_type(leaf)
-                if not jnp.issubdtype(dtype, jnp.inexact):
+                dtype = _dtype(leaf)
+                if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
                     raise ArgumentError(
-                        f"argument {i} to differentiate has a leaf of dtype {dtype}; like "
-                        "jax.grad, moonwalk_grad differentiates float inputs only")
-        sizes = [len(lv) for lv in leaves]
+                        f"argument {i} to differentiate has a leaf of type {dtype or type(leaf)}"
+                        "; like jax.grad, moonwalk_grad differentiates float inputs only")
+        offsets = tuple(itertools.accumulate([0] + [len(lv) for lv in leaves]))
         flat = list(itertools.chain.from_iterable(leaves))
-        offsets = list(itertools.accumulate([0] + sizes))
-        stream_flat = [
+        stream_flat = tuple(
             j for i in stream_ix for j in range(offsets[i], offsets[i + 1])
-            if jnp.issubdtype(jnp.result_type(flat[j]), jnp.inexact)
-        ]
+            if _dtype(flat[j]) is not None and jnp.issubdtype(_dtype(flat[j]), jnp.inexact)
+        )
         if not stream_flat:
             raise ArgumentError(
                 "moonwalk_grad needs the network input as a float argument that is not "
                 f"differentiated (argnums={diff}); pass the data as an argument or set "
                 "stream_argnums")
-
-        def call(flat_vals):
-            rebuilt = [
-                jax.tree_util.tree_unflatten(td, flat_vals[offsets[i]:offsets[i + 1]])
-                for i, td in enumerate(treedefs)
-            ]
-            out = fun(*rebuilt, **kwargs)
-            _check_loss(out, has_aux)
-            return out
-
-        # Phase 1: the exact cotangent of the stream, parameters held constant.
-        def phase1(*stream_vals):
-            vals = list(flat)
-            for j, s in zip(stream_flat, stream_vals):
-                vals[j] = s
-            out = call(vals)
-            return (out[0], out[1]) if has_aux else (out, None)
-
-        loss, pullback, aux = jax.vjp(phase1, *[flat[j] for j in stream_flat], has_aux=True)
-        g_stream = pullback(jnp.ones_like(loss))
-
-        # Phase 2: the sweep, on the program of the loss alone.
-        closed = jax.make_jaxpr(lambda *v: call(list(v))[0] if has_aux else call(list(v)))(
-            *flat)
-        graph, consts = G.flatten(closed)
-        nc = len(consts)
-        stream_mask = [False] * nc + [False] * len(flat)
-        for j in stream_flat:
-            stream_mask[nc + j] = True
-        params_mask = [False] * nc + [False] * len(flat)
-        for i in diff:
-            for j in range(offsets[i], offsets[i + 1]):
-                params_mask[nc + j] = True
-        known = {nc + j: g for j, g in zip(stream_flat, g_stream)}
-        _, _, in_cts = sweep(graph, list(consts) + flat, stream_mask, known, head=True,
-                             params=params_mask, debug=debug)
-        stream_ct = dict(zip(stream_flat, g_stream))
-        grads = []
-        for i in diff:
-            gl = []
-            for j in range(offsets[i], offsets[i + 1]):
-                c = stream_ct[j] if j in stream_ct else in_cts[nc + j]
-                gl.append(c if c is not None else jnp.zeros_like(flat[j]))
-            grads.append(jax.tree_util.tree_unflatten(treedefs[i], gl))
-        grads = grads[0] if isinstance(argnums, int) else tuple(grads)
-        value = (loss, aux) if has_aux else loss
-        return value, grads
+        params_flat = tuple(j for i in diff for j in range(offsets[i], offsets[i + 1]))
+        is_dynamic = [_dtype(leaf) is not None for leaf in flat]
+        static_leaves = tuple((j, leaf) for j, leaf in enumerate(flat) if not is_dynamic[j])
+        static = _Static(tuple(treedefs), offsets, diff, stream_flat, params_flat,
+                         static_leaves, isinstance(argnums, int))
+        dynamic = [leaf for j, leaf in enumerate(flat) if is_dynamic[j]]
+        try:
+            hash(static)
+        except TypeError:  # unhashable non-array arguments: run without the cache
+            return _moonwalk(fun, has_aux, mode, debug, static, dynamic)
+        return compiled(static, *dynamic)
 
     return value_and_grad_fn
+
+
+class _Static(NamedTuple):
+    treedefs: tuple
+    offsets: tuple
+    diff: tuple
+    stream: tuple
+    params: tuple
+    static_leaves: tuple
+    single: bool
+
+
+def _dtype(leaf):
+    """The dtype of an array-like leaf, ``None`` for anything else (static)."""
+    if isinstance(leaf, (jax.Array, np.ndarray, np.generic, float, int, complex)):
+        return jnp.result_type(leaf)
+    return None
+
+
+def _moonwalk(fun, has_aux, mode, debug, static: _Static, dynamic):
+    """Phase 1 then the sweep, on flat leaves; returns ``(value, grads)``."""
+    static_at = dict(static.static_leaves)
+    it = iter(dynamic)
+    flat = [static_at[j] if j in static_at else next(it) for j in range(static.offsets[-1])]
+    offsets, treedefs = static.offsets, static.treedefs
+
+    def call(flat_vals):
+        rebuilt = [
+            jax.tree_util.tree_unflatten(td, flat_vals[offsets[i]:offsets[i + 1]])
+            for i, td in enumerate(treedefs)
+        ]
+        out = fun(*rebuilt[:-1], **rebuilt[-1])
+        _check_loss(out, has_aux)
+        return out
+
+    # Phase 1: the exact cotangent of the stream, parameters held constant.
+    def phase1(*stream_vals):
+        vals = list(flat)
+        for j, s in zip(static.stream, stream_vals):
+            vals[j] = s
+        out = call(vals)
+        return (out[0], out[1]) if has_aux else (out, None)
+
+    dyn_ix = [j for j in range(len(flat)) if j not in static_at]
+    if mode == "mixed":
+        loss, pullback, aux = jax.vjp(phase1, *[flat[j] for j in static.stream],
+                                      has_aux=True)
+        g_stream = pullback(jnp.ones_like(loss))
+    else:
+        aux_tree = {}
+
+        def loss_and_aux(*dyn_vals):
+            vals = list(flat)
+            for j, v in zip(dyn_ix, dyn_vals):
+                vals[j] = v
+            out = call(vals)
+            if not has_aux:
+                return [out]
+            aux_leaves, aux_tree["tree"] = jax.tree_util.tree_flatten(out[1])
+            return [out[0], *aux_leaves]
+
+        closed_aux = jax.make_jaxpr(loss_and_aux)(*[flat[j] for j in dyn_ix])
+        graph_aux, consts_aux = G.flatten(closed_aux)
+        at = {j: len(consts_aux) + k for k, j in enumerate(dyn_ix)}
+        outs, g_stream = PHASE1[mode](graph_aux, list(consts_aux) + [flat[j] for j in dyn_ix],
+                                      [at[j] for j in static.stream])
+        loss = outs[0]
+        aux = jax.tree_util.tree_unflatten(aux_tree["tree"], outs[1:]) if has_aux else None
+
+    # Phase 2: the sweep, on the program of the loss alone.
+
+    def loss_only(*dyn_vals):
+        vals = list(flat)
+        for j, v in zip(dyn_ix, dyn_vals):
+            vals[j] = v
+        out = call(vals)
+        return out[0] if has_aux else out
+
+    closed = jax.make_jaxpr(loss_only)(*[flat[j] for j in dyn_ix])
+    graph, consts = G.flatten(closed)
+    nc = len(consts)
+    pos = {j: nc + k for k, j in enumerate(dyn_ix)}
+    stream_mask = [False] * (nc + len(dyn_ix))
+    params_mask = [False] * (nc + len(dyn_ix))
+    for j in static.stream:
+        stream_mask[pos[j]] = True
+    for j in static.params:
+        params_mask[pos[j]] = True
+    known = {pos[j]: g for j, g in zip(static.stream, g_stream)}
+    _, _, in_cts = sweep(graph, list(consts) + [flat[j] for j in dyn_ix], stream_mask, known,
+                         head=True, params=params_mask, debug=debug)
+    stream_ct = dict(zip(static.stream, g_stream))
+    grads = []
+    for i in static.diff:
+        gl = []
+        for j in range(offsets[i], offsets[i + 1]):
+            c = stream_ct[j] if j in stream_ct else in_cts[pos[j]]
+            gl.append(c if c is not None else jnp.zeros_like(flat[j]))
+        grads.append(jax.tree_util.tree_unflatten(treedefs[i], gl))
+    grads = grads[0] if static.single else tuple(grads)
+    value = (loss, aux) if has_aux else loss
+    return value, grads
 
 
 def moonwalk_grad(

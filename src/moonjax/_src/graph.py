@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any
 
 from jax.extend import core as jex_core
+from jax.extend import source_info_util
 
 # Call-like primitives and the parameter that holds their body.
 _INLINE_BODY = {
@@ -117,8 +118,12 @@ def flatten(closed_jaxpr: jex_core.ClosedJaxpr) -> tuple[Graph, list]:
 
     const_values: list = []
 
-    def walk(jx, env):
+    def walk(jx, env, call_site=None):
         for eqn in jx.eqns:
+            source_info = eqn.source_info
+            if call_site is not None and not _user_location(source_info):
+                # a body traced inside JAX (jax.nn, jnp.where): point at the user's call
+                source_info = call_site
             ins = [atom(env, a) for a in eqn.invars]
             body = _body(eqn.primitive.name, eqn.params)
             if body is not None:
@@ -130,12 +135,12 @@ def flatten(closed_jaxpr: jex_core.ClosedJaxpr) -> tuple[Graph, list]:
                     inner_env[cv] = val
                 for iv, a in zip(inner.invars, ins):
                     inner_env[iv] = a
-                walk(inner, inner_env)
+                walk(inner, inner_env, source_info)
                 for ov, inner_ov in zip(eqn.outvars, inner.outvars):
                     env[ov] = atom(inner_env, inner_ov)
                 continue
             outs = [fresh(o.aval) for o in eqn.outvars]
-            node = Node(eqn.primitive, dict(eqn.params), ins, outs, eqn.source_info, len(nodes))
+            node = Node(eqn.primitive, dict(eqn.params), ins, outs, source_info, len(nodes))
             for o, v in zip(outs, eqn.outvars):
                 o.producer = node
                 if not isinstance(v, jex_core.DropVar):
@@ -156,6 +161,13 @@ def flatten(closed_jaxpr: jex_core.ClosedJaxpr) -> tuple[Graph, list]:
     consts = top_consts + [v for v, _ in const_values]
     graph = dce(Graph(consts + top_invars, outvars, nodes))
     return graph, list(closed_jaxpr.consts) + [c for _, c in const_values]
+
+
+def _user_location(source_info) -> bool:
+    try:
+        return bool(source_info_util.summarize(source_info))
+    except Exception:  # pragma: no cover - source info is best effort
+        return False
 
 
 def dce(graph: Graph) -> Graph:

@@ -32,7 +32,7 @@ def _stream_carry(graph, n_lead, nc, ncar, init_stream):
         flags = new
 
 
-def sweep_scan(node, invals, g_carry, const_stream, debug):
+def sweep_scan(node, invals, g_carry, debug):
     """Sweep a ``scan`` node forwards; returns ``(outs, out_cts, in_cts)``.
 
     ``g_carry`` maps carry positions (that depend on the stream) to their cotangents.

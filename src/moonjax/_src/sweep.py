@@ -19,6 +19,8 @@ sweep's memory does not grow with depth. ``scan`` over layers sweeps with a scan
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 from collections import deque
 
 import jax
@@ -62,6 +64,34 @@ class _Blocked:
     @property
     def order(self) -> int:
         return self.node.index if self.node is not None else -1
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One decision of the sweep, for reports (``moonjax.check``).
+
+    ``kind`` is ``"spine"`` (crossed by a vijp rule, named in ``rule``), ``"region"``
+    (an elementwise region inverted as one map), ``"side"`` (a side branch
+    differentiated locally), ``"head"`` (the loss head, reverse mode), ``"scan"``
+    (a loop swept by a loop; ``inner`` holds its body's steps) or ``"fragment"``.
+    """
+
+    kind: str
+    nodes: tuple
+    rule: str = ""
+    fragment_bytes: int = 0
+    inner: tuple = ()
+
+
+# When set to a list, the sweep appends a Step for every decision it takes.
+REPORT: contextvars.ContextVar[list | None] = contextvars.ContextVar("moonjax_report",
+                                                                     default=None)
+
+
+def _report(kind, nodes, rule="", fragment_bytes=0, inner=()):
+    steps = REPORT.get()
+    if steps is not None:
+        steps.append(Step(kind, tuple(nodes), rule, fragment_bytes, tuple(inner)))
 
 
 def stream_dependence(graph: G.Graph, stream: list[bool]) -> set[int]:
@@ -118,7 +148,8 @@ class _Sweep:
         self.resolved: set[int] = set()
         self.pullbacks: dict[int, object] = {}
         self.queue: deque = deque()
-        self.blocked: dict[int, _Blocked] = {}
+        self.blocked: dict[int, _Blocked] = {}  # open: the sweep is stuck there now
+        self.block_history: list[_Blocked] = []  # every place it was ever stuck
         self.head_nodes: set[int] = set()
         self.out_pending: set[int] = set()
         self.out_cts: dict[int, object] = {}
@@ -157,7 +188,9 @@ class _Sweep:
             self.nacc[id(a)] = _add(self.nacc.get(id(a)), c)
 
     def block(self, v, node, error):
-        self.blocked.setdefault(id(v), _Blocked(v, node, error))
+        if id(v) not in self.blocked:
+            self.blocked[id(v)] = _Blocked(v, node, error)
+            self.block_history.append(self.blocked[id(v)])
 
     # -- setup -------------------------------------------------------------------------
 
@@ -318,6 +351,7 @@ class _Sweep:
         ):
             self.head_nodes.add(id(node))
         out_cts = [self.ct[id(o)] for o in node.outputs]
+        _report("head" if id(node) in self.head_nodes else "side", [node])
         self._resolve(node, self._pull(node, out_cts))
 
     def _finish_output(self, v):
@@ -329,8 +363,7 @@ class _Sweep:
         if not uses:
             if id(v) in self.out_pending:
                 self._finish_output(v)
-            self.consumed.add(id(v))
-            self.blocked.pop(id(v), None)
+            self.consumed.add(id(v))  # a block record stays: reverse mode did the work
             return
         if self.ct[id(v)] is None:  # no cotangent to sweep (integer or boolean value)
             return
@@ -418,6 +451,7 @@ class _Sweep:
         invals = [self.read(a) for a in node.inputs]
         g_ins = [self.residual(a) for a in spine]
         out_cts = rule.vijp(node, positions, g_ins, invals)
+        _report("spine", [node], getattr(rule.vijp, "__qualname__", "custom"))
         contributions = self._pull(node, out_cts)
         self._resolve(node, contributions, skip={id(a) for a in spine})
         for o, c in zip(node.outputs, out_cts):
@@ -438,6 +472,7 @@ class _Sweep:
                 "slice into pieces that together cover the value (or use jnp.split)"))
             return False
         axis, pieces = part
+        _report("spine", nodes, "slice partition")
         g = self.residual(v)
         for start, stop, node in pieces:
             self._resolve(node, None)
@@ -522,6 +557,7 @@ class _Sweep:
                     self.ct[id(o)] = None  # internal to the region: nothing to sweep
                     self.consumed.add(id(o))
             self._resolve(n, None)
+        _report("region", order, "elementwise region g / φ'(x)")
         self.set_known(y, g_y)
         return True
 
@@ -547,8 +583,14 @@ class _Sweep:
                 return False
         invals = [self.read(a) for a in node.inputs]
         g_carry = {i: self.residual(carry[i]) for i in stream_pos if is_float(carry[i].aval)}
-        const_stream = [self.is_dep(a) for a in node.inputs[:nc]]
-        outs, out_cts, in_cts = sweep_scan(node, invals, g_carry, const_stream, self.debug)
+        outer, inner = REPORT.get(), [] if REPORT.get() is not None else None
+        token = REPORT.set(inner)
+        try:
+            outs, out_cts, in_cts = sweep_scan(node, invals, g_carry, self.debug)
+        finally:
+            REPORT.reset(token)
+        if outer is not None:
+            outer.append(Step("scan", (node,), "scan of the body's sweep", 0, tuple(inner)))
         for o, x in zip(node.outputs, outs):
             self.val[id(o)] = x
         self.evaluated.add(id(node))
@@ -562,9 +604,10 @@ class _Sweep:
 
     # -- the end -----------------------------------------------------------------------
 
-    def _raise_blocked(self, fallback: str):
-        if self.blocked:
-            raise min(self.blocked.values(), key=lambda b: b.order).error
+    def _raise_blocked(self, fallback: str, history: bool = False):
+        records = list(self.blocked.values()) or (self.block_history if history else [])
+        if records:
+            raise min(records, key=lambda b: b.order).error
         raise SpineStructureError(fallback)
 
     def _finish(self):
@@ -580,4 +623,4 @@ class _Sweep:
                 ):
                     self._raise_blocked(
                         "the loss head reads trained parameters after the last swept value; "
-                        f"`{node.primitive.name}` at {where(node.source_info)}")
+                        f"`{node.primitive.name}` at {where(node.source_info)}", history=True)

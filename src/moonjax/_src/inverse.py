@@ -1,0 +1,221 @@
+"""Inverting a layer: rebuild its input from its output (the ``reversible`` mode).
+
+``invert(graph, known, targets)`` propagates known values through a flattened layer in
+whichever direction they are known, like an inverse interpreter: a node whose inputs
+are all known is evaluated (side branches, parameter-only code); a node whose outputs
+are known and which has one unknown input is inverted with a rule from
+:data:`inverse_rules`. An elementwise region that reaches its output by several paths
+(``leaky_relu`` is ``select_n(x >= 0, x, a*x)``) is inverted as one map by Newton
+steps started at its output, which are exact for sign-preserving piecewise-linear maps.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from moonjax._src import graph as G
+from moonjax._src.errors import NotSubmersiveError, equation_error
+from moonjax._src.rules import elementwise_rules
+
+NEWTON_STEPS = 3
+
+# primitive -> rule(node, pos, y, invals) -> the value of input ``pos`` given output
+# ``y`` and the other inputs (``invals[pos]`` is ``None``).
+inverse_rules: dict = {}
+
+
+def _unary(f):
+    return lambda node, pos, y, invals: f(y, node)
+
+
+for _p, _f in {
+    lax.exp_p: lambda y, n: jnp.log(y),
+    lax.log_p: lambda y, n: jnp.exp(y),
+    lax.tanh_p: lambda y, n: jnp.arctanh(y),
+    lax.logistic_p: lambda y, n: jnp.log(y) - jnp.log1p(-y),
+    lax.sinh_p: lambda y, n: jnp.arcsinh(y),
+    lax.asinh_p: lambda y, n: jnp.sinh(y),
+    lax.atan_p: lambda y, n: jnp.tan(y),
+    lax.log1p_p: lambda y, n: jnp.expm1(y),
+    lax.expm1_p: lambda y, n: jnp.log1p(y),
+    lax.neg_p: lambda y, n: -y,
+    lax.sqrt_p: lambda y, n: y * y,
+    lax.cbrt_p: lambda y, n: y * y * y,
+    lax.copy_p: lambda y, n: y,
+    lax.erf_p: lambda y, n: lax.erf_inv(y),
+    lax.integer_pow_p: lambda y, n: jnp.sign(y) * jnp.abs(y) ** (1.0 / n.params["y"]),
+    lax.convert_element_type_p: lambda y, n: y.astype(n.inputs[0].aval.dtype),
+    lax.reshape_p: lambda y, n: jnp.reshape(y, n.inputs[0].aval.shape),
+    lax.squeeze_p: lambda y, n: jnp.reshape(y, n.inputs[0].aval.shape),
+    lax.broadcast_in_dim_p: lambda y, n: jnp.reshape(y, n.inputs[0].aval.shape),
+    lax.transpose_p: lambda y, n: jnp.transpose(
+        y, [n.params["permutation"].index(i) for i in range(y.ndim)]),
+    lax.rev_p: lambda y, n: lax.rev(y, n.params["dimensions"]),
+}.items():
+    inverse_rules[_p] = _unary(_f)
+
+
+def _add(node, pos, y, invals):
+    return y - invals[1 - pos]
+
+
+def _sub(node, pos, y, invals):
+    return y + invals[1] if pos == 0 else invals[0] - y
+
+
+def _mul(node, pos, y, invals):
+    return y / invals[1 - pos]
+
+
+def _div(node, pos, y, invals):
+    return y * invals[1] if pos == 0 else invals[0] / y
+
+
+def _dot_general(node, pos, y, invals):
+    from moonjax._src.rules.linear import _layout
+
+    x_aval, w_aval, xc, wc, xb, x_free, w_free = _layout(node, pos)
+    k = 1
+    for d in xc:
+        k *= x_aval.shape[d]
+    w = invals[1 - pos]
+    wm = jnp.transpose(w, wc + w_free).reshape(k, -1)
+    if wm.shape[1] != k or xb:
+        raise equation_error(NotSubmersiveError, node,
+                             "reversible mode needs a square weight to rebuild the input",
+                             "use mode='mixed' for layers that change the width")
+    m_shape = [x_aval.shape[d] for d in x_free]
+    nm = len(m_shape)
+    if pos == 1:  # output layout is (w_free..., x_free...): move x_free first
+        nw = y.ndim - nm
+        y = jnp.transpose(y, list(range(nw, nw + nm)) + list(range(nw)))
+    ym = y.reshape(-1, k)
+    xm = jnp.linalg.solve(wm.T.astype(ym.dtype), ym.T).T  # x_mat @ wm = y_mat
+    perm = x_free + xc
+    x_t = xm.reshape(m_shape + [x_aval.shape[d] for d in xc])
+    return jnp.transpose(x_t, [perm.index(i) for i in range(len(perm))])
+
+
+inverse_rules.update({lax.add_p: _add, lax.sub_p: _sub, lax.mul_p: _mul, lax.div_p: _div,
+                      lax.dot_general_p: _dot_general})
+
+
+def invert(graph: G.Graph, known: dict, targets: list) -> list:
+    """Values of ``targets`` given ``known`` (``id(Value) -> value``) in ``graph``."""
+    val = dict(known)
+    done: set[int] = set()
+    have = lambda a: isinstance(a, G.Lit) or id(a) in val
+    read = lambda a: a.val if isinstance(a, G.Lit) else val[id(a)]
+    progress = True
+    while progress and not all(id(t) in val for t in targets):
+        progress = False
+        for node in graph.nodes:
+            if id(node) in done:
+                continue
+            if all(have(a) for a in node.inputs):
+                for o, x in zip(node.outputs, node.bind(*[read(a) for a in node.inputs])):
+                    val.setdefault(id(o), x)
+                done.add(id(node))
+                progress = True
+            elif _invert_node(node, val, have, read, done):
+                progress = True
+    missing = [t for t in targets if id(t) not in val]
+    if missing:
+        stuck = [n for n in graph.nodes if id(n) not in done]
+        node = stuck[-1] if stuck else None
+        if node is None:
+            raise NotSubmersiveError("reversible mode could not rebuild a layer's input")
+        raise equation_error(
+            NotSubmersiveError, node,
+            "reversible mode cannot rebuild this layer's input from its output",
+            "use mode='mixed', or build the layer from invertible moonjax.nn modules")
+    return [val[id(t)] for t in targets]
+
+
+def _invert_node(node, val, have, read, done) -> bool:
+    prim = node.primitive
+    if not all(id(o) in val or not _is_float(o) for o in node.outputs):
+        return False
+    unknown = [p for p, a in enumerate(node.inputs) if not have(a)]
+    if prim is lax.split_p and all(id(o) in val for o in node.outputs):
+        val[id(node.inputs[0])] = lax.concatenate([val[id(o)] for o in node.outputs],
+                                                  node.params["axis"])
+    elif prim is lax.concatenate_p and id(node.outputs[0]) in val:
+        y, start, dim = val[id(node.outputs[0])], 0, node.params["dimension"]
+        for a in node.inputs:
+            size = a.aval.shape[dim]
+            if not have(a):
+                val[id(a)] = lax.slice_in_dim(y, start, start + size, axis=dim)
+            start += size
+    elif prim is lax.slice_p:
+        return _invert_slices(node, val)
+    elif len(unknown) == 1 and prim in inverse_rules and len(node.outputs) == 1 and (
+            id(node.outputs[0]) in val):
+        pos = unknown[0]
+        invals = [None if p == pos else read(a) for p, a in enumerate(node.inputs)]
+        val[id(node.inputs[pos])] = inverse_rules[prim](node, pos, val[id(node.outputs[0])],
+                                                        invals)
+    elif prim in elementwise_rules and len(node.outputs) == 1 and id(node.outputs[0]) in val:
+        return _invert_region(node, val, have, read, done)
+    else:
+        return False
+    done.add(id(node))
+    return True
+
+
+def _is_float(v) -> bool:
+    return jnp.issubdtype(v.aval.dtype, jnp.inexact)
+
+
+def _invert_slices(node, val) -> bool:
+    from moonjax._src.rules.structural import slice_partition
+
+    x = node.inputs[0]
+    group = [n for n, _ in x.uses if n.primitive is lax.slice_p]
+    if not all(id(n.outputs[0]) in val for n in group):
+        return False
+    part = slice_partition(group, x.aval)
+    if part is None:
+        return False
+    axis, pieces = part
+    val[id(x)] = lax.concatenate([val[id(n.outputs[0])] for _, _, n in pieces], axis)
+    return True
+
+
+def _invert_region(node, val, have, read, done) -> bool:
+    """Newton steps for an elementwise region ``y = φ(v)`` with one unknown root ``v``."""
+    region = {id(node): node}
+    while True:
+        inner = {id(o) for n in region.values() for o in n.outputs}
+        unknown = {id(a): a for n in region.values() for a in n.inputs
+                   if not have(a) and id(a) not in inner}
+        if len(unknown) == 1:
+            break
+        expand = [a.producer for a in unknown.values()
+                  if a.producer is not None and a.producer.primitive in elementwise_rules
+                  and all(id(u) in region for u, _ in a.uses)]
+        if not expand:
+            return False
+        region.update((id(n), n) for n in expand)
+    (v,) = unknown.values()
+    if not _is_float(v) or v.aval.shape != node.outputs[0].aval.shape:
+        return False
+    order = sorted(region.values(), key=lambda n: n.index)
+    y = val[id(node.outputs[0])]
+
+    def phi(a):
+        env = {id(v): a}
+        get = lambda x: env[id(x)] if id(x) in env else read(x)
+        for n in order:
+            env.update(zip(map(id, n.outputs), n.bind(*[get(x) for x in n.inputs])))
+        return env[id(node.outputs[0])]
+
+    a = y
+    for _ in range(NEWTON_STEPS):
+        f, df = jax.jvp(phi, (a,), (jnp.ones_like(a),))
+        a = a - (f - y) / df
+    val[id(v)] = a
+    done.update(region)
+    return True
