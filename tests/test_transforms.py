@@ -75,7 +75,7 @@ def test_register_vijp_adds_a_primitive_in_one_line():
     w = jnp.eye(4) + 0.1
     x = jnp.linspace(-1, 1, 12).reshape(3, 4)
     with pytest.raises(moonjax.UnsupportedPrimitiveError, match="cumsum"):
-        moonjax.moonwalk_grad(loss)(w, x)
+        moonjax.moonwalk_grad(loss, fragments=False)(w, x)
     moonjax.register_vijp(lax.cumsum_p, cumsum_vijp)
     try:
         assert rel_err(moonjax.moonwalk_grad(loss)(w, x), jax.grad(loss)(w, x)) <= 1e-10
@@ -103,14 +103,14 @@ def test_unsupported_primitive_names_it_and_the_user_line():
         return jnp.sum(h ** 2)
 
     with pytest.raises(moonjax.UnsupportedPrimitiveError) as e:
-        moonjax.moonwalk_grad(loss)(jnp.eye(3), jnp.ones((2, 3)))
+        moonjax.moonwalk_grad(loss, fragments=False)(jnp.eye(3), jnp.ones((2, 3)))
     msg = str(e.value)
     assert "sort" in msg and f"{HERE}:{_line_of(loss, 'jnp.sort')}" in msg
     assert "custom_vijp" in msg
 
 
 @pytest.mark.parametrize("act", ["relu", "where"])
-def test_relu_on_the_spine_is_not_submersive(act):
+def test_relu_on_the_spine_is_not_submersive_without_fragments(act):
     def loss(w, x):
         h = x @ w[0]
         h = jax.nn.relu(h) if act == "relu" else jnp.where(h > 0, h, 0.0)
@@ -118,18 +118,19 @@ def test_relu_on_the_spine_is_not_submersive(act):
         return jnp.sum(h ** 2)
 
     with pytest.raises(moonjax.NotSubmersiveError) as e:
-        moonjax.moonwalk_grad(loss)(jnp.stack([jnp.eye(3)] * 2), jnp.ones((2, 3)))
+        moonjax.moonwalk_grad(loss, fragments=False)(jnp.stack([jnp.eye(3)] * 2),
+                                                     jnp.ones((2, 3)))
     assert HERE in str(e.value) and "submersive" in str(e.value)
 
 
-def test_expanding_dense_layer_is_not_submersive():
+def test_expanding_dense_layer_is_not_submersive_without_fragments():
     def loss(w, x):
         h = jnp.tanh(x @ w["up"])  # 3 -> 5 features
         return jnp.sum((h @ w["down"]) ** 2)
 
     w = {"up": jnp.ones((3, 5)), "down": jnp.ones((5, 2))}
     with pytest.raises(moonjax.NotSubmersiveError, match="maps 3 features to 5") as e:
-        moonjax.moonwalk_grad(loss)(w, jnp.ones((2, 3)))
+        moonjax.moonwalk_grad(loss, fragments=False)(w, jnp.ones((2, 3)))
     assert f"{HERE}:{_line_of(loss, 'x @ w')}" in str(e.value)
 
 

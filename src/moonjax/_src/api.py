@@ -12,10 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from moonjax._src import graph as G
-from moonjax._src.errors import ArgumentError, LossShapeError
+from moonjax._src.errors import (
+    ArgumentError,
+    LossShapeError,
+    NotSubmersiveError,
+    UnsupportedPrimitiveError,
+)
 from moonjax._src.rules import VijpRule
 from moonjax._src.phase1 import MODES as PHASE1
-from moonjax._src.sweep import sweep
+from moonjax._src.phase1 import mixed_with_fragments
+from moonjax._src.sweep import Collect, sweep
 
 MODES = ("mixed", "reversible", "forward")
 
@@ -59,13 +65,14 @@ def moonwalk_value_and_grad(
     *,
     stream_argnums: int | Sequence[int] | None = None,
     mode: str = "mixed",
+    fragments: bool = True,
     debug: bool = False,
 ) -> Callable:
     """Like :func:`jax.value_and_grad`, computed by Moonwalk.
 
     Phase 1 computes the exact cotangent ``g₀ = ∂ℓ/∂x`` of the network input ``x``
-    (the *stream*: by default the float leaves of the first positional argument not in
-    ``argnums``, as in ``loss(params, x, y)``). Then the inverse-forward sweep walks the network forwards,
+    (the *stream*: by default the float leaves of the first positional argument after
+    those in ``argnums``, as ``x`` in ``loss(params, x, y)``). Then the inverse-forward sweep walks the network forwards,
     ``g_i = vijp_i(h_{i-1}, g_{i-1})``, and pulls each ``g_i`` back to the layer's
     parameters, ``∂ℓ/∂θ_i = g_i ∂f_i/∂θ_i``, without keeping any layer's activations.
 
@@ -74,13 +81,18 @@ def moonwalk_value_and_grad(
       argnums: which positional argument(s) to differentiate, as in ``jax.grad``.
       has_aux: as in ``jax.grad``.
       stream_argnums: which positional argument(s) hold the network input; by default
-        the first argument not in ``argnums``. May overlap ``argnums`` to also get the
+        the first argument after those in ``argnums`` (else the first one not in
+        ``argnums``). May overlap ``argnums`` to also get the
         input gradient. Labels and masks should stay out of it.
       mode: how phase 1 gets ``g₀``. ``"mixed"``: a reverse pass for the input
         cotangent only, storing what that needs (weights, sign masks), not activations.
         ``"reversible"``: a reverse pass that rebuilds each layer of a ``lax.scan``
         by inverting it, so memory is flat in depth. ``"forward"``: one JVP per entry
         of the input, storing nothing (time grows with the input size).
+      fragments: in ``"mixed"`` mode, let phase 1 record the exact output cotangent of
+        each spine step that is not submersive (ReLU, an expanding dense layer, a
+        primitive without a vijp rule) so the sweep can cross it: memory grows with
+        the non-submersive part of the network only. ``False`` raises instead.
       debug: raise :class:`moonjax.NonFiniteCotangentError` if a swept cotangent is
         NaN/Inf (a singular weight), like ``jax_debug_nans``.
 
@@ -102,14 +114,18 @@ def moonwalk_value_and_grad(
 
     @functools.partial(jax.jit, static_argnums=0)
     def compiled(static, *dynamic):
-        return _moonwalk(fun, has_aux, mode, debug, static, dynamic)
+        return _moonwalk(fun, has_aux, mode, fragments, debug, static, dynamic)
 
     @functools.wraps(fun)
     def value_and_grad_fn(*args, **kwargs):
         nargs = len(args)
         diff = _normalize_argnums(argnums, nargs, "argnums")
-        if stream_argnums is None:  # the network input: the first argument not in argnums
-            stream_ix = tuple(i for i in range(nargs) if i not in diff)[:1]
+        if stream_argnums is None:
+            # the network input: the first argument after the differentiated ones
+            # (``loss(params, x, y)``), else the first one not differentiated
+            rest = [i for i in range(nargs) if i not in diff]
+            after = [i for i in rest if i > max(diff)]
+            stream_ix = tuple((after or rest)[:1])
         else:
             stream_ix = _normalize_argnums(stream_argnums, nargs, "stream_argnums")
         leaves, treedefs = [], []
@@ -144,7 +160,7 @@ def moonwalk_value_and_grad(
         try:
             hash(static)
         except TypeError:  # unhashable non-array arguments: run without the cache
-            return _moonwalk(fun, has_aux, mode, debug, static, dynamic)
+            return _moonwalk(fun, has_aux, mode, fragments, debug, static, dynamic)
         return compiled(static, *dynamic)
 
     return value_and_grad_fn
@@ -167,7 +183,7 @@ def _dtype(leaf):
     return None
 
 
-def _moonwalk(fun, has_aux, mode, debug, static: _Static, dynamic):
+def _moonwalk(fun, has_aux, mode, fragments, debug, static: _Static, dynamic):
     """Phase 1 then the sweep, on flat leaves; returns ``(value, grads)``."""
     static_at = dict(static.static_leaves)
     it = iter(dynamic)
@@ -236,9 +252,24 @@ def _moonwalk(fun, has_aux, mode, debug, static: _Static, dynamic):
         stream_mask[pos[j]] = True
     for j in static.params:
         params_mask[pos[j]] = True
-    known = {pos[j]: g for j, g in zip(static.stream, g_stream)}
-    _, _, in_cts = sweep(graph, list(consts) + [flat[j] for j in dyn_ix], stream_mask, known,
-                         head=True, params=params_mask, debug=debug)
+    invals = list(consts) + [flat[j] for j in dyn_ix]
+    run_sweep = functools.partial(sweep, graph, invals, stream_mask, head=True,
+                                  params=params_mask, debug=debug)
+    try:
+        _, _, in_cts = run_sweep({pos[j]: g for j, g in zip(static.stream, g_stream)})
+    except (NotSubmersiveError, UnsupportedPrimitiveError):
+        if mode != "mixed" or not fragments:
+            raise
+        # Fragmental checkpointing: find the spine steps the sweep cannot invert, let
+        # phase 1 record their exact output cotangents, and sweep again with them.
+        collected = Collect()
+        run_sweep({pos[j]: jnp.zeros_like(g) for j, g in zip(static.stream, g_stream)},
+                  fragments=collected)
+        outs, g_stream, recorded = mixed_with_fragments(
+            graph, invals, [pos[j] for j in static.stream], collected)
+        loss = outs[0]
+        _, _, in_cts = run_sweep({pos[j]: g for j, g in zip(static.stream, g_stream)},
+                                 fragments=recorded)
     stream_ct = dict(zip(static.stream, g_stream))
     grads = []
     for i in static.diff:
@@ -259,6 +290,7 @@ def moonwalk_grad(
     *,
     stream_argnums: int | Sequence[int] | None = None,
     mode: str = "mixed",
+    fragments: bool = True,
     debug: bool = False,
 ) -> Callable:
     """Like :func:`jax.grad`, computed by Moonwalk (inverse-forward differentiation).
@@ -275,7 +307,7 @@ def moonwalk_grad(
       (4, 4)
     """
     vg = moonwalk_value_and_grad(fun, argnums, has_aux, stream_argnums=stream_argnums,
-                                 mode=mode, debug=debug)
+                                 mode=mode, fragments=fragments, debug=debug)
 
     @functools.wraps(fun)
     def grad_fn(*args, **kwargs):

@@ -153,3 +153,60 @@ def forward(graph, invals, stream_pos):
 
 
 MODES = {"reversible": reversible, "forward": forward}
+
+
+def _probes(graph: G.Graph, collected, leading=()):
+    """Zeros shaped like the fragments ``collected`` (stacked over enclosing loops)."""
+    probes = {}
+    for node in graph.nodes:
+        entry = collected.get(node.index)
+        if entry is None:
+            continue
+        if node.primitive is lax.scan_p:
+            body, _ = G.flatten(node.params["jaxpr"])
+            probes[node.index] = _probes(body, entry, leading + (node.params["length"],))
+        else:
+            probes[node.index] = [None if a is None else jnp.zeros(leading + a.shape, a.dtype)
+                                  for a in entry]
+    return probes
+
+
+def _evaluate_probed(graph, invals, probes):
+    def bind(node, args):
+        entry = probes.get(node.index)
+        if entry is None:
+            return None
+        if node.primitive is lax.scan_p:
+            p = node.params
+            nc, ncar = p["num_consts"], p["num_carry"]
+            body, body_consts = G.flatten(p["jaxpr"])
+
+            def step(carry, inputs):
+                x, pr = inputs
+                outs = _evaluate_probed(body, [*body_consts, *args[:nc], *carry, *x], pr)
+                return outs[:ncar], outs[ncar:]
+
+            carry, ys = lax.scan(step, list(args[nc:nc + ncar]), (list(args[nc + ncar:]), entry),
+                                 length=p["length"], reverse=p["reverse"])
+            return [*carry, *ys]
+        return [o if e is None else o + e for o, e in zip(node.bind(*args), entry)]
+
+    return evaluate(graph, invals, bind)
+
+
+def mixed_with_fragments(graph, invals, stream_pos, collected):
+    """Mixed phase 1 that also records the exact output cotangents of the
+    non-submersive spine steps in ``collected``: the fragments the sweep cannot
+    recover. A zero is added at each such output, and its cotangent is the fragment."""
+    probes = _probes(graph, collected)
+
+    def f(stream_vals, probe_vals):
+        vals = list(invals)
+        for i, s in zip(stream_pos, stream_vals):
+            vals[i] = s
+        outs = _evaluate_probed(graph, vals, probe_vals)
+        return outs[0], outs[1:]
+
+    loss, pullback, aux = jax.vjp(f, [invals[i] for i in stream_pos], probes, has_aux=True)
+    g_stream, fragments = pullback(jnp.ones_like(loss))
+    return [loss, *aux], list(g_stream), fragments

@@ -13,7 +13,7 @@ from jax import lax
 
 from moonjax._src import graph as G
 from moonjax._src.errors import SpineStructureError
-from moonjax._src.sweep import is_float, stream_dependence, sweep
+from moonjax._src.sweep import Collect, is_float, stream_dependence, sweep
 
 
 def _stream_carry(graph, n_lead, nc, ncar, init_stream):
@@ -32,11 +32,12 @@ def _stream_carry(graph, n_lead, nc, ncar, init_stream):
         flags = new
 
 
-def sweep_scan(node, invals, g_carry, debug):
+def sweep_scan(node, invals, g_carry, debug, fragments=None):
     """Sweep a ``scan`` node forwards; returns ``(outs, out_cts, in_cts)``.
 
     ``g_carry`` maps carry positions (that depend on the stream) to their cotangents.
     ``in_cts`` holds the cotangents of the consts and ``xs`` (``None`` for carries).
+    ``fragments`` is a ``Collect`` or the body's recorded fragments stacked over steps.
     """
     p = node.params
     nc, ncar = p["num_consts"], p["num_carry"]
@@ -59,11 +60,15 @@ def sweep_scan(node, invals, g_carry, debug):
     stream_out = [i for i, o in enumerate(graph.outvars)
                   if i >= ncar and is_float(o.aval)]
 
-    def step(state, x_slice):
+    collect = isinstance(fragments, Collect)
+
+    def step(state, inputs):
         carry, g, acc = state
+        x_slice, frag = inputs
         body_in = list(body_consts) + list(consts) + list(carry) + list(x_slice)
         known = {n_lead + nc + i: g[k] for k, i in enumerate(sorted(g_carry))}
-        outs, out_cts, in_cts = sweep(graph, body_in, stream, known, head=False, debug=debug)
+        outs, out_cts, in_cts = sweep(graph, body_in, stream, known, head=False, debug=debug,
+                                      fragments=fragments if collect else frag)
         new_g = [out_cts[i] for i in sorted(g_carry)]
         acc = [a + _or_zero(in_cts[n_lead + i], node.inputs[i].aval)
                for a, i in zip(acc, float_consts)]
@@ -76,7 +81,8 @@ def sweep_scan(node, invals, g_carry, debug):
             for i in float_consts]
     g0 = [g_carry[i] for i in sorted(g_carry)]
     (carry, g, acc), (ys, xs_ct, ys_ct) = lax.scan(
-        step, (list(init), g0, acc0), list(xs), length=p["length"], reverse=p["reverse"],
+        step, (list(init), g0, acc0), (list(xs), None if collect else fragments),
+        length=p["length"], reverse=p["reverse"],
         unroll=p["unroll"])
     outs = list(carry) + list(ys)
     out_cts = [None] * len(outs)

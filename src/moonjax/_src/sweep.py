@@ -103,7 +103,12 @@ def stream_dependence(graph: G.Graph, stream: list[bool]) -> set[int]:
     return dep
 
 
-def sweep(graph, invals, stream, known_cts, *, head, params=None, debug=False):
+class Collect(dict):
+    """Fragment collection: ``node.index -> output avals`` (nested ``Collect`` for loops)."""
+
+
+def sweep(graph, invals, stream, known_cts, *, head, params=None, debug=False,
+          fragments=None):
     """Run the inverse-forward sweep over ``graph``.
 
     Args:
@@ -117,18 +122,23 @@ def sweep(graph, invals, stream, known_cts, *, head, params=None, debug=False):
       params: per invar, whether a non-stream invar is a trained parameter (used to
         refuse a head that would need stored activations). Defaults to all floats.
       debug: check swept cotangents for NaN/Inf.
+      fragments: ``None`` (a non-submersive spine step raises), a :class:`Collect`
+        (record where fragments are needed, sweep zeros there) or a dict
+        ``node.index -> [output cotangents]`` recorded by phase 1 (for a ``scan``
+        node: a nested dict whose arrays are stacked over the loop).
 
     Returns:
       ``(outvals, out_cts, in_cts)``: output values, the swept output cotangents
       (``None`` where there is none) and the cotangents of the non-stream invars
       (``None`` for stream or non-float invars).
     """
-    return _Sweep(graph, invals, stream, known_cts, head, params, debug).run()
+    return _Sweep(graph, invals, stream, known_cts, head, params, debug, fragments).run()
 
 
 class _Sweep:
-    def __init__(self, graph, invals, stream, known_cts, head, params, debug):
+    def __init__(self, graph, invals, stream, known_cts, head, params, debug, fragments):
         self.g = graph
+        self.fragments = fragments
         self.head = head
         self.debug = debug
         self.dep = stream_dependence(graph, stream)
@@ -154,6 +164,7 @@ class _Sweep:
         self.out_pending: set[int] = set()
         self.out_cts: dict[int, object] = {}
         self.consumed: set[int] = set()
+        self.wake: dict[int, list] = {}  # node id -> values to retry once it is evaluated
         if params is None:
             params = [is_float(v.aval) for v in graph.invars]
         self.param_dep = {id(v) for v, p, s in zip(graph.invars, params, stream) if p and not s}
@@ -291,6 +302,7 @@ class _Sweep:
         for o, x in zip(node.outputs, outs):
             self.val[id(o)] = x
         self.evaluated.add(id(node))
+        self.queue.extend(("fwd", v) for v in self.wake.pop(id(node), []))
         for o in node.outputs:
             if not is_float(o.aval):
                 self.ct[id(o)] = None
@@ -409,6 +421,33 @@ class _Sweep:
 
         jax.debug.callback(check, jnp.all(jnp.isfinite(g)))
 
+    def _fragment(self, node):
+        """The recorded output cotangents of a non-submersive spine step, if any."""
+        if isinstance(self.fragments, Collect):
+            self.fragments[node.index] = [o.aval if is_float(o.aval) else None
+                                          for o in node.outputs]
+            return [jnp.zeros(o.aval.shape, o.aval.dtype) if is_float(o.aval) else None
+                    for o in node.outputs]
+        if self.fragments is not None and node.index in self.fragments:
+            return self.fragments[node.index]
+        return None
+
+    def _cross_with_fragment(self, v, node) -> bool:
+        """Cross ``node`` with the exact output cotangents that phase 1 recorded."""
+        out_cts = self._fragment(node)
+        if out_cts is None:
+            return False
+        nbytes = sum(o.aval.size * o.aval.dtype.itemsize for o in node.outputs
+                     if is_float(o.aval))
+        _report("fragment", [node], "recorded output cotangent", nbytes)
+        contributions = self._pull(node, out_cts)
+        self._resolve(node, contributions, skip={id(v)})
+        for o, c in zip(node.outputs, out_cts):
+            if id(o) not in self.ct:
+                self.set_known(o, c)
+        self.consumed.add(id(v))
+        return True
+
     def _rule(self, v, node):
         rule = vijp_rules.get(node.primitive)
         custom = G.CUSTOM_BLOCKS.get(node.params.get("name")) if node.primitive.name in (
@@ -416,6 +455,8 @@ class _Sweep:
         if custom is not None:
             rule = custom
         if rule is None:
+            if self._cross_with_fragment(v, node):
+                return True
             self.block(v, node, equation_error(
                 UnsupportedPrimitiveError, node,
                 f"no vijp rule for primitive `{node.primitive.name}` on the spine",
@@ -436,6 +477,8 @@ class _Sweep:
             return False
         reason = rule.check(node, positions) if rule.check is not None else None
         if reason is not None:
+            if self._cross_with_fragment(v, node):
+                return True
             self.block(v, node, equation_error(
                 NotSubmersiveError, node, f"layer is not submersive: {reason}",
                 "use an invertible or dimension-lowering layer here (see moonjax.nn), "
@@ -504,28 +547,37 @@ class _Sweep:
                     "different layers, so it is not one-to-one onto any one of them",
                     "feed one layer from the activation, or use moonjax.custom_vijp"))
                 return False
-            if any(id(u) not in self.evaluated for u in expand.values()):
+            waiting = [u for u in expand.values() if id(u) not in self.evaluated]
+            if waiting:  # retry once the rest of the region has been evaluated
+                for u in waiting:
+                    self.wake.setdefault(id(u), []).append(v)
                 return False
             region.update(expand)
         (y,) = frontier
         order = sorted(region.values(), key=lambda n: n.index)
         inside = {id(v)}
+        failure = None
         for n in order:
             flags = [isinstance(a, G.Value) and id(a) in inside for a in n.inputs]
             if any(is_float(o.aval) and o.aval.shape != v.aval.shape for o in n.outputs):
-                self.block(v, n, equation_error(
+                failure = failure or equation_error(
                     NotSubmersiveError, n,
                     "an elementwise step changes the shape of a spine value (broadcast)",
-                    "keep spine activations at one shape through elementwise layers"))
-                return False
+                    "keep spine activations at one shape through elementwise layers")
             reason = elementwise_rules[n.primitive](n, flags)
             if reason is not None:
-                self.block(v, n, equation_error(
+                failure = failure or equation_error(
                     NotSubmersiveError, n, f"layer is not submersive: {reason}",
                     "use a strictly monotone activation (leaky_relu, tanh, …) on the spine, "
-                    "or let fragments record the erased cotangent (mode with fragments)"))
-                return False
+                    "or let mode='mixed' record the erased cotangent (fragments=True)")
             inside.update(id(o) for o in n.outputs)
+        fragment = None
+        if failure is not None:
+            fragment = self._fragment(y.producer)
+            if fragment is None:
+                self.block(v, order[0], failure)
+                return False
+            fragment = fragment[[id(o) for o in y.producer.outputs].index(id(y))]
 
         def backprop(g_y):
             local = {id(y): g_y}
@@ -544,9 +596,14 @@ class _Sweep:
                     target[id(a)] = _add(target.get(id(a)), c)
             return local.get(id(v)), outside
 
-        dphi, _ = backprop(jnp.ones(y.aval.shape, y.aval.dtype))
-        g_y = self.residual(v) / dphi
-        self._check_finite(order[-1], g_y)
+        if fragment is None:
+            dphi, _ = backprop(jnp.ones(y.aval.shape, y.aval.dtype))
+            g_y = self.residual(v) / dphi
+            self._check_finite(order[-1], g_y)
+        else:
+            g_y = fragment
+            _report("fragment", [y.producer], "recorded output cotangent",
+                    y.aval.size * y.aval.dtype.itemsize)
         _, outside = backprop(g_y)
         values = {id(a): a for n in order for a in n.inputs if isinstance(a, G.Value)}
         for k, c in outside.items():
@@ -586,7 +643,13 @@ class _Sweep:
         outer, inner = REPORT.get(), [] if REPORT.get() is not None else None
         token = REPORT.set(inner)
         try:
-            outs, out_cts, in_cts = sweep_scan(node, invals, g_carry, self.debug)
+            if isinstance(self.fragments, Collect):
+                nested = self.fragments.setdefault(node.index, Collect())
+            else:
+                nested = (self.fragments or {}).get(node.index)
+            outs, out_cts, in_cts = sweep_scan(node, invals, g_carry, self.debug, nested)
+            if isinstance(self.fragments, Collect) and not nested:
+                del self.fragments[node.index]
         finally:
             REPORT.reset(token)
         if outer is not None:
