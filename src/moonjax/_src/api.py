@@ -20,8 +20,8 @@ from moonjax._src.errors import (
 )
 from moonjax._src.rules import VijpRule
 from moonjax._src.phase1 import MODES as PHASE1
-from moonjax._src.phase1 import mixed_with_fragments
-from moonjax._src.sweep import Collect, sweep
+from moonjax._src.phase1 import anchor_plan, mixed_with_probes
+from moonjax._src.sweep import REPORT, Collect, sweep
 
 MODES = ("mixed", "reversible", "forward")
 
@@ -66,6 +66,7 @@ def moonwalk_value_and_grad(
     stream_argnums: int | Sequence[int] | None = None,
     mode: str = "mixed",
     fragments: bool = True,
+    anchor_every: int | str | None = None,
     debug: bool = False,
 ) -> Callable:
     """Like :func:`jax.value_and_grad`, computed by Moonwalk.
@@ -93,6 +94,13 @@ def moonwalk_value_and_grad(
         each spine step that is not submersive (ReLU, an expanding dense layer, a
         primitive without a vijp rule) so the sweep can cross it: memory grows with
         the non-submersive part of the network only. ``False`` raises instead.
+      anchor_every: in ``"mixed"`` mode, let phase 1 record the exact carry cotangent
+        every ``k`` steps of each ``lax.scan`` over layers and restart the sweep there,
+        bounding the growth of rounding error to ``k`` layers at the cost of
+        ``depth / k`` stored cotangents. ``"auto"`` anchors every 2 steps the loops whose
+        sweep divides by derivatives or solves with weights (leaky-ReLU MLPs, affine
+        couplings) and leaves volume-preserving ones (additive couplings) alone.
+        ``None``: no anchors.
       debug: raise :class:`moonjax.NonFiniteCotangentError` if a swept cotangent is
         NaN/Inf (a singular weight), like ``jax_debug_nans``.
 
@@ -111,10 +119,14 @@ def moonwalk_value_and_grad(
     """
     if mode not in MODES:
         raise ArgumentError(f"mode must be one of {MODES}, got {mode!r}")
+    if anchor_every is not None and anchor_every != "auto" and (
+            not isinstance(anchor_every, int) or anchor_every < 1):
+        raise ArgumentError(f"anchor_every must be a positive int, 'auto' or None, got "
+                            f"{anchor_every!r}")
 
     @functools.partial(jax.jit, static_argnums=0)
     def compiled(static, *dynamic):
-        return _moonwalk(fun, has_aux, mode, fragments, debug, static, dynamic)
+        return _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static, dynamic)
 
     @functools.wraps(fun)
     def value_and_grad_fn(*args, **kwargs):
@@ -160,10 +172,31 @@ def moonwalk_value_and_grad(
         try:
             hash(static)
         except TypeError:  # unhashable non-array arguments: run without the cache
-            return _moonwalk(fun, has_aux, mode, fragments, debug, static, dynamic)
+            return _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static, dynamic)
         return compiled(static, *dynamic)
 
     return value_and_grad_fn
+
+
+# ``anchor_every="auto"``: loops whose swept layers divide by a derivative or solve
+# with a weight (error can grow layer by layer) are anchored every AUTO_ANCHOR steps;
+# volume-preserving ones (additive couplings, shifts, moves) are not anchored.
+AUTO_ANCHOR = 2
+_SHIFTS = {"add", "sub", "neg", "copy", "convert_element_type", "ge", "gt", "le", "lt",
+           "eq", "ne"}
+
+
+def _amplifies(step) -> bool:
+    for s in step.inner:
+        if s.kind == "spine" and any(n.primitive.name == "dot_general" for n in s.nodes):
+            return True
+        if s.kind == "region" and any(n.primitive.name not in _SHIFTS for n in s.nodes):
+            return True
+    return False
+
+
+class _NeedsRecords(Exception):
+    """Internal: phase 1 must record cotangents (anchors) before the sweep."""
 
 
 class _Static(NamedTuple):
@@ -183,7 +216,8 @@ def _dtype(leaf):
     return None
 
 
-def _moonwalk(fun, has_aux, mode, fragments, debug, static: _Static, dynamic):
+def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Static,
+              dynamic):
     """Phase 1 then the sweep, on flat leaves; returns ``(value, grads)``."""
     static_at = dict(static.static_leaves)
     it = iter(dynamic)
@@ -255,18 +289,35 @@ def _moonwalk(fun, has_aux, mode, fragments, debug, static: _Static, dynamic):
     invals = list(consts) + [flat[j] for j in dyn_ix]
     run_sweep = functools.partial(sweep, graph, invals, stream_mask, head=True,
                                   params=params_mask, debug=debug)
+    stream_pos = [pos[j] for j in static.stream]
+    plan = {}
+    if mode == "mixed" and isinstance(anchor_every, int):
+        plan = anchor_plan(graph, stream_pos, anchor_every)
     try:
-        _, _, in_cts = run_sweep({pos[j]: g for j, g in zip(static.stream, g_stream)})
-    except (NotSubmersiveError, UnsupportedPrimitiveError):
-        if mode != "mixed" or not fragments:
+        if plan:
+            raise _NeedsRecords
+        steps = []
+        token = REPORT.set(steps if anchor_every == "auto" and mode == "mixed" else None)
+        try:
+            _, _, in_cts = run_sweep({pos[j]: g for j, g in zip(static.stream, g_stream)})
+        finally:
+            REPORT.reset(token)
+        plan = {i: kp for i, kp in anchor_plan(graph, stream_pos, AUTO_ANCHOR).items()
+                if any(s.kind == "scan" and s.nodes[0].index == i and _amplifies(s)
+                       for s in steps)}
+        if plan:
+            raise _NeedsRecords
+    except (NotSubmersiveError, UnsupportedPrimitiveError, _NeedsRecords) as e:
+        if mode != "mixed" or (not fragments and not isinstance(e, _NeedsRecords)):
             raise
-        # Fragmental checkpointing: find the spine steps the sweep cannot invert, let
-        # phase 1 record their exact output cotangents, and sweep again with them.
+        # Fragmental checkpointing (and anchors): find the spine steps the sweep cannot
+        # invert, let phase 1 record their exact output cotangents (and the anchored
+        # carries), and sweep again with the records.
         collected = Collect()
-        run_sweep({pos[j]: jnp.zeros_like(g) for j, g in zip(static.stream, g_stream)},
-                  fragments=collected)
-        outs, g_stream, recorded = mixed_with_fragments(
-            graph, invals, [pos[j] for j in static.stream], collected)
+        if fragments:
+            zeros = {pos[j]: jnp.zeros_like(g) for j, g in zip(static.stream, g_stream)}
+            run_sweep(zeros, fragments=collected)
+        outs, g_stream, recorded = mixed_with_probes(graph, invals, stream_pos, collected, plan)
         loss = outs[0]
         _, _, in_cts = run_sweep({pos[j]: g for j, g in zip(static.stream, g_stream)},
                                  fragments=recorded)
@@ -291,6 +342,7 @@ def moonwalk_grad(
     stream_argnums: int | Sequence[int] | None = None,
     mode: str = "mixed",
     fragments: bool = True,
+    anchor_every: int | str | None = None,
     debug: bool = False,
 ) -> Callable:
     """Like :func:`jax.grad`, computed by Moonwalk (inverse-forward differentiation).
@@ -307,7 +359,8 @@ def moonwalk_grad(
       (4, 4)
     """
     vg = moonwalk_value_and_grad(fun, argnums, has_aux, stream_argnums=stream_argnums,
-                                 mode=mode, fragments=fragments, debug=debug)
+                                 mode=mode, fragments=fragments, anchor_every=anchor_every,
+                                 debug=debug)
 
     @functools.wraps(fun)
     def grad_fn(*args, **kwargs):

@@ -21,6 +21,7 @@ from jax import lax
 
 from moonjax._src import graph as G
 from moonjax._src.inverse import invert
+from moonjax._src.scan import blocks, unblocks
 from moonjax._src.sweep import is_float, stream_dependence
 
 
@@ -155,23 +156,34 @@ def forward(graph, invals, stream_pos):
 MODES = {"reversible": reversible, "forward": forward}
 
 
-def _probes(graph: G.Graph, collected, leading=()):
-    """Zeros shaped like the fragments ``collected`` (stacked over enclosing loops)."""
+def _probes(graph: G.Graph, collected, leading=(), anchors=None):
+    """Zeros shaped like the fragments ``collected`` (stacked over enclosing loops),
+    and, for the loops in ``anchors`` (``node.index -> (k, carry positions)``), one
+    zero per block of ``k`` steps on each swept carry."""
     probes = {}
     for node in graph.nodes:
         entry = collected.get(node.index)
-        if entry is None:
+        plan = (anchors or {}).get(node.index)
+        if entry is None and plan is None:
             continue
         if node.primitive is lax.scan_p:
             body, _ = G.flatten(node.params["jaxpr"])
-            probes[node.index] = _probes(body, entry, leading + (node.params["length"],))
+            length = node.params["length"]
+            inner = _probes(body, entry or {}, leading + (length,))
+            if plan is not None:
+                k, positions = plan
+                nc = node.params["num_consts"]
+                inner = {"body": inner, "anchors": [
+                    jnp.zeros((length // k,) + node.inputs[nc + i].aval.shape,
+                              node.inputs[nc + i].aval.dtype) for i in positions]}
+            probes[node.index] = inner
         else:
             probes[node.index] = [None if a is None else jnp.zeros(leading + a.shape, a.dtype)
                                   for a in entry]
     return probes
 
 
-def _evaluate_probed(graph, invals, probes):
+def _evaluate_probed(graph, invals, probes, anchors=None):
     def bind(node, args):
         entry = probes.get(node.index)
         if entry is None:
@@ -186,27 +198,66 @@ def _evaluate_probed(graph, invals, probes):
                 outs = _evaluate_probed(body, [*body_consts, *args[:nc], *carry, *x], pr)
                 return outs[:ncar], outs[ncar:]
 
-            carry, ys = lax.scan(step, list(args[nc:nc + ncar]), (list(args[nc + ncar:]), entry),
-                                 length=p["length"], reverse=p["reverse"])
-            return [*carry, *ys]
+            init, xs = list(args[nc:nc + ncar]), list(args[nc + ncar:])
+            if "anchors" not in entry:
+                carry, ys = lax.scan(step, init, (xs, entry), length=p["length"],
+                                     reverse=p["reverse"])
+                return [*carry, *ys]
+            k, positions = anchors[node.index]
+            nb = p["length"] // k
+
+            def block(carry, inputs):
+                x_blk, pr_blk, anchor = inputs
+                carry = list(carry)
+                for i, a in zip(positions, anchor):
+                    carry[i] = carry[i] + a  # its cotangent: the exact one at block start
+                return lax.scan(step, carry, (x_blk, pr_blk), length=k, reverse=p["reverse"])
+
+            carry, ys = lax.scan(block, init, (blocks(xs, nb, k), blocks(entry["body"], nb, k),
+                                               entry["anchors"]),
+                                 length=nb, reverse=p["reverse"])
+            return [*carry, *unblocks(ys)]
         return [o if e is None else o + e for o, e in zip(node.bind(*args), entry)]
 
     return evaluate(graph, invals, bind)
 
 
-def mixed_with_fragments(graph, invals, stream_pos, collected):
-    """Mixed phase 1 that also records the exact output cotangents of the
-    non-submersive spine steps in ``collected``: the fragments the sweep cannot
-    recover. A zero is added at each such output, and its cotangent is the fragment."""
-    probes = _probes(graph, collected)
+def anchor_plan(graph: G.Graph, stream_pos, anchor_every: int) -> dict:
+    """``node.index -> (k, swept carry positions)`` for the top-level loops over the
+    stream; ``k`` is the largest divisor of the loop length not above ``anchor_every``."""
+    stream = [i in stream_pos for i in range(len(graph.invars))]
+    dep = stream_dependence(graph, stream)
+    plan = {}
+    for node in graph.nodes:
+        if node.primitive is not lax.scan_p:
+            continue
+        p = node.params
+        nc, ncar, length = p["num_consts"], p["num_carry"], p["length"]
+        positions = [i for i, a in enumerate(node.inputs[nc:nc + ncar])
+                     if isinstance(a, G.Value) and id(a) in dep and is_float(a.aval)]
+        k = max(d for d in range(1, min(anchor_every, length) + 1) if length % d == 0)
+        if positions and k < length:
+            plan[node.index] = (k, positions)
+    return plan
+
+
+def mixed_with_probes(graph, invals, stream_pos, collected, anchors=None):
+    """Mixed phase 1 that also records exact cotangents the sweep will use: the
+    output cotangents of the non-submersive spine steps in ``collected`` (the
+    fragments the sweep cannot recover) and, for the loops in ``anchors``, the carry
+    cotangent at the start of every block. A zero is added at each such value, and
+    its cotangent is the record."""
+    probes = _probes(graph, collected, anchors=anchors)
 
     def f(stream_vals, probe_vals):
         vals = list(invals)
         for i, s in zip(stream_pos, stream_vals):
             vals[i] = s
-        outs = _evaluate_probed(graph, vals, probe_vals)
+        outs = _evaluate_probed(graph, vals, probe_vals, anchors)
         return outs[0], outs[1:]
 
     loss, pullback, aux = jax.vjp(f, [invals[i] for i in stream_pos], probes, has_aux=True)
-    g_stream, fragments = pullback(jnp.ones_like(loss))
-    return [loss, *aux], list(g_stream), fragments
+    g_stream, recorded = pullback(jnp.ones_like(loss))
+    for idx, (k, _) in (anchors or {}).items():
+        recorded[idx]["k"] = k
+    return [loss, *aux], list(g_stream), recorded

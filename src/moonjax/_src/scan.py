@@ -8,6 +8,7 @@ outputs. Compile time stays independent of depth and nothing per layer is kept.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -32,12 +33,15 @@ def _stream_carry(graph, n_lead, nc, ncar, init_stream):
         flags = new
 
 
-def sweep_scan(node, invals, g_carry, debug, fragments=None):
+def sweep_scan(node, invals, g_carry, debug, fragments=None, anchors=None):
     """Sweep a ``scan`` node forwards; returns ``(outs, out_cts, in_cts)``.
 
     ``g_carry`` maps carry positions (that depend on the stream) to their cotangents.
     ``in_cts`` holds the cotangents of the consts and ``xs`` (``None`` for carries).
     ``fragments`` is a ``Collect`` or the body's recorded fragments stacked over steps.
+    ``anchors``, if given, is ``(k, stacked)``: the exact carry cotangents that phase 1
+    recorded at the start of every block of ``k`` steps; the sweep restarts from them,
+    which bounds the growth of rounding error to ``k`` layers.
     """
     p = node.params
     nc, ncar = p["num_consts"], p["num_carry"]
@@ -80,10 +84,26 @@ def sweep_scan(node, invals, g_carry, debug, fragments=None):
     acc0 = [jnp.zeros(node.inputs[i].aval.shape, node.inputs[i].aval.dtype)
             for i in float_consts]
     g0 = [g_carry[i] for i in sorted(g_carry)]
-    (carry, g, acc), (ys, xs_ct, ys_ct) = lax.scan(
-        step, (list(init), g0, acc0), (list(xs), None if collect else fragments),
-        length=p["length"], reverse=p["reverse"],
-        unroll=p["unroll"])
+    frags = None if collect else fragments
+    if anchors is None:
+        (carry, g, acc), (ys, xs_ct, ys_ct) = lax.scan(
+            step, (list(init), g0, acc0), (list(xs), frags),
+            length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
+    else:
+        k, stacked = anchors
+        nb = p["length"] // k
+
+        def block(state, inputs):
+            x_blk, frag_blk, anchor = inputs
+            carry, _, acc = state  # restart from the exact cotangent
+            return lax.scan(step, (carry, list(anchor), acc), (x_blk, frag_blk), length=k,
+                            reverse=p["reverse"])
+
+        (carry, g, acc), outs_blk = lax.scan(
+            block, (list(init), g0, acc0), (blocks(list(xs), nb, k), blocks(frags, nb, k),
+                                            list(stacked)),
+            length=nb, reverse=p["reverse"])
+        ys, xs_ct, ys_ct = unblocks(outs_blk)
     outs = list(carry) + list(ys)
     out_cts = [None] * len(outs)
     for k, i in enumerate(sorted(g_carry)):
@@ -100,3 +120,12 @@ def sweep_scan(node, invals, g_carry, debug, fragments=None):
 
 def _or_zero(c, aval):
     return c if c is not None else jnp.zeros(aval.shape, aval.dtype)
+
+
+def blocks(tree, nb, k):
+    """Split the leading (loop) axis of every leaf into ``(nb, k)``."""
+    return jax.tree_util.tree_map(lambda a: a.reshape((nb, k) + a.shape[1:]), tree)
+
+
+def unblocks(tree):
+    return jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[2:]), tree)

@@ -647,7 +647,12 @@ class _Sweep:
                 nested = self.fragments.setdefault(node.index, Collect())
             else:
                 nested = (self.fragments or {}).get(node.index)
-            outs, out_cts, in_cts = sweep_scan(node, invals, g_carry, self.debug, nested)
+            anchors = None
+            if isinstance(nested, dict) and "anchors" in nested:
+                anchors = (nested["k"], nested["anchors"])
+                nested = nested["body"]
+            outs, out_cts, in_cts = sweep_scan(node, invals, g_carry, self.debug, nested,
+                                               anchors)
             if isinstance(self.fragments, Collect) and not nested:
                 del self.fragments[node.index]
         finally:

@@ -1,0 +1,75 @@
+"""Float32 fidelity against a float64 jax.grad reference, with and without anchors."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from nets import LAYERS, PARAMS, classification_loss, data, leaky_layer, rel_err, scanned
+
+import moonjax
+
+
+def _errors(kind, depth, methods, slope=0.1, d=32, batch=16):
+    kp, kd = jax.random.split(jax.random.PRNGKey(0))
+    layer = (lambda h, p: leaky_layer(h, p, slope)) if kind == "leaky" else LAYERS[kind]
+    loss = classification_loss(scanned(layer))
+    params, x, y = PARAMS[kind](kp, depth, d), *data(kd, batch, d)
+    ref = jax.jit(jax.grad(loss))(params, x, y)
+    p32, x32, y32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), (params, x, y))
+    out = {"jax.grad": rel_err(jax.jit(jax.grad(loss))(p32, x32, y32), ref)}
+    for name, kwargs in methods.items():
+        out[name] = rel_err(jax.jit(moonjax.moonwalk_grad(loss, **kwargs))(p32, x32, y32), ref)
+    return out
+
+
+def test_anchors_keep_a_deep_leaky_mlp_within_10x_of_float32_backprop():
+    err = _errors("leaky", 256, {"anchor4": {"anchor_every": 4},
+                                 "auto": {"anchor_every": "auto"}, "none": {}})
+    assert err["anchor4"] <= 10 * err["jax.grad"]
+    assert err["auto"] <= 10 * err["jax.grad"]
+    assert not err["none"] <= 10 * err["jax.grad"]  # why anchors exist (overflow / nan)
+
+
+def test_additive_revnet_needs_no_anchor_for_moderate_depth():
+    err = _errors("additive", 64, {"none": {}})
+    assert err["none"] <= 3 * err["jax.grad"]
+
+
+@pytest.mark.parametrize("anchor", [1, 3, "auto"])
+def test_anchored_sweep_is_exact_in_float64(anchor):
+    for kind in ("leaky", "affine"):
+        kp, kd = jax.random.split(jax.random.PRNGKey(1))
+        params = PARAMS[kind](kp, 6, 6)
+        x, y = data(kd, 3, 6)
+        loss = classification_loss(scanned(LAYERS[kind]))
+        got = moonjax.moonwalk_grad(loss, anchor_every=anchor)(params, x, y)
+        assert rel_err(got, jax.grad(loss)(params, x, y)) <= 1e-9
+
+
+def test_anchor_memory_is_depth_over_k():
+    loss = classification_loss(scanned(LAYERS["leaky"]))
+    x = jnp.zeros((32, 32), jnp.float32)
+
+    def temp(depth, k):
+        params = {"w": jnp.zeros((depth, 32, 32), jnp.float32),
+                  "b": jnp.zeros((depth, 32), jnp.float32)}
+        fn = jax.jit(moonjax.moonwalk_grad(loss, anchor_every=k))
+        return fn.lower(params, x, x).compile().memory_analysis().temp_size_in_bytes
+
+    carry = 32 * 32 * 4
+    growth = temp(128, 4) - temp(16, 4)
+    assert growth <= (112 / 4) * carry * 2.5 + 112 * 32 * 32  # anchors (+ sign masks)
+
+
+def test_bad_anchor_argument():
+    with pytest.raises(moonjax.ArgumentError, match="anchor_every"):
+        moonjax.moonwalk_grad(lambda w, x: jnp.sum(x @ w), anchor_every=0)
+
+
+@pytest.mark.slow
+def test_print_fidelity_table():
+    methods = {"mixed": {}, "anchor4": {"anchor_every": 4}, "auto": {"anchor_every": "auto"},
+               "reversible": {"mode": "reversible"}}
+    for kind in ("leaky", "tanh", "additive", "affine"):
+        for depth in (16, 64, 256):
+            err = _errors(kind, depth, methods)
+            print(kind, depth, " ".join(f"{k}={v:.1e}" for k, v in err.items()))
