@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+import operator
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -14,7 +16,9 @@ import numpy as np
 from moonjax._src import graph as G
 from moonjax._src.errors import (
     ArgumentError,
+    NON_FINITE,
     LossShapeError,
+    NonFiniteCotangentError,
     NotSubmersiveError,
     UnsupportedPrimitiveError,
 )
@@ -29,16 +33,51 @@ MODES = ("mixed", "reversible", "forward")
 def _normalize_argnums(argnums, nargs: int, name: str) -> tuple[int, ...]:
     if isinstance(argnums, int):
         argnums = (argnums,)
+    if isinstance(argnums, (str, bytes)):
+        argnums = None  # iterable, but not of ints
     try:
-        argnums = tuple(int(a) for a in argnums)
+        argnums = tuple(operator.index(a) for a in argnums)
     except TypeError:
-        raise ArgumentError(f"{name} must be an int or a tuple of ints, got {argnums!r}")
+        raise ArgumentError(f"{name} must be an int or a tuple of ints, got {argnums!r}"
+                            ) from None
     for a in argnums:
         if not -nargs <= a < nargs:
             raise ArgumentError(
                 f"{name}={a} is out of range: the function was called with {nargs} "
                 "positional argument(s)")
     return tuple(a % nargs for a in argnums)
+
+
+def _non_finite_as_error(run, dynamic):
+    """``debug=True``: run, wait for the result, and turn the sweep's NaN/Inf check (a
+    host callback that raises) into :class:`NonFiniteCotangentError`. Under an outer
+    ``jax.jit`` the same message arrives inside JAX's runtime error."""
+    try:
+        out = run(*dynamic)
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(out)):
+            return out
+        return jax.block_until_ready(out)
+    except jax.errors.JaxRuntimeError as e:
+        found = re.search(re.escape(NON_FINITE) + r"[^\n]*", str(e))
+        if found is None:
+            raise
+        raise NonFiniteCotangentError(found.group(0)) from None
+
+
+def _no_stream_message(stream_ix, stream_argnums, diff, leaves) -> str:
+    if not stream_ix:
+        return ("moonwalk_grad needs the network input as a float argument that is not "
+                f"differentiated (argnums={diff}); pass the data as an argument or set "
+                "stream_argnums")
+    found = ", ".join(
+        f"argument {i} ({', '.join(sorted({str(_dtype(x) or type(x).__name__) for x in leaves[i]})) or 'no arrays'})"
+        for i in stream_ix)
+    fix = ("cast the network input to a float dtype (embed integer tokens inside the loss "
+           "and pass the float embeddings, or the float features)")
+    if stream_argnums is None:
+        fix += ", or name the float network input with stream_argnums"
+    return (f"the network input must be a float array, but {found} has no float leaf "
+            f"(stream_argnums={stream_argnums!r}, argnums={diff}); {fix}")
 
 
 def _check_loss(out, has_aux: bool):
@@ -100,9 +139,13 @@ def moonwalk_value_and_grad(
         ``depth / k`` stored cotangents. ``"auto"`` anchors every 2 steps the loops whose
         sweep divides by derivatives or solves with weights (leaky-ReLU MLPs, affine
         couplings) and leaves volume-preserving ones (additive couplings) alone.
-        ``None``: no anchors.
+        ``None`` (the default): no anchors for float32/float64 inputs, ``"auto"`` when
+        the network input is bfloat16 or float16 (see the mixed-precision notes in the
+        reliability guide).
       debug: raise :class:`moonjax.NonFiniteCotangentError` if a swept cotangent is
-        NaN/Inf (a singular weight), like ``jax_debug_nans``.
+        NaN/Inf (a singular weight), like ``jax_debug_nans``, naming the primitive and
+        the source line. The call then waits for its result; under an outer
+        ``jax.jit`` the same message arrives in JAX's ``JaxRuntimeError``.
 
     Returns:
       A function with the signature of ``fun`` returning ``(value, grads)``
@@ -126,7 +169,7 @@ def moonwalk_value_and_grad(
 
     @functools.partial(jax.jit, static_argnums=0)
     def compiled(static, *dynamic):
-        return _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static, dynamic)
+        return _moonwalk(fun, has_aux, mode, fragments, static.anchors, debug, static, dynamic)
 
     @functools.wraps(fun)
     def value_and_grad_fn(*args, **kwargs):
@@ -159,21 +202,24 @@ def moonwalk_value_and_grad(
             if _dtype(flat[j]) is not None and jnp.issubdtype(_dtype(flat[j]), jnp.inexact)
         )
         if not stream_flat:
-            raise ArgumentError(
-                "moonwalk_grad needs the network input as a float argument that is not "
-                f"differentiated (argnums={diff}); pass the data as an argument or set "
-                "stream_argnums")
+            raise ArgumentError(_no_stream_message(stream_ix, stream_argnums, diff, leaves))
         params_flat = tuple(j for i in diff for j in range(offsets[i], offsets[i + 1]))
         is_dynamic = [_dtype(leaf) is not None for leaf in flat]
         static_leaves = tuple((j, leaf) for j, leaf in enumerate(flat) if not is_dynamic[j])
+        anchors = anchor_every
+        if anchor_every is None and any(_dtype(flat[j]).itemsize < 4 for j in stream_flat):
+            anchors = "auto"  # 16-bit models: the sweep's error growth starts at ~1e-3
         static = _Static(tuple(treedefs), offsets, diff, stream_flat, params_flat,
-                         static_leaves, isinstance(argnums, int))
+                         static_leaves, isinstance(argnums, int), anchors)
         dynamic = [leaf for j, leaf in enumerate(flat) if is_dynamic[j]]
         try:
             hash(static)
         except TypeError:  # unhashable non-array arguments: run without the cache
-            return _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static, dynamic)
-        return compiled(static, *dynamic)
+            run = functools.partial(_moonwalk, fun, has_aux, mode, fragments, static.anchors,
+                                    debug, static)
+        else:
+            run = functools.partial(compiled, static)
+        return _non_finite_as_error(run, dynamic) if debug else run(*dynamic)
 
     return value_and_grad_fn
 
@@ -207,6 +253,7 @@ class _Static(NamedTuple):
     params: tuple
     static_leaves: tuple
     single: bool
+    anchors: int | str | None
 
 
 def _dtype(leaf):

@@ -38,6 +38,10 @@ class NonFiniteCotangentError(MoonjaxError, FloatingPointError):
     """``debug=True`` found a NaN or Inf in a swept cotangent (e.g. a singular weight)."""
 
 
+# how the ``debug`` check's message starts (it travels through a host callback)
+NON_FINITE = "moonjax: non-finite swept cotangent"
+
+
 def where(source_info) -> str:
     """The user's ``file:line`` of an equation's source info, or ``<unknown>``."""
     if source_info is None:

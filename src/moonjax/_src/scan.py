@@ -14,6 +14,7 @@ from jax import lax
 
 from moonjax._src import graph as G
 from moonjax._src.errors import SpineStructureError
+from moonjax._src.rules import ct_dtype
 from moonjax._src.sweep import Collect, is_float, stream_dependence, sweep
 
 
@@ -73,7 +74,7 @@ def sweep_scan(node, invals, g_carry, debug, fragments=None, anchors=None):
         known = {n_lead + nc + i: g[k] for k, i in enumerate(sorted(g_carry))}
         outs, out_cts, in_cts = sweep(graph, body_in, stream, known, head=False, debug=debug,
                                       fragments=fragments if collect else frag)
-        new_g = [out_cts[i] for i in sorted(g_carry)]
+        new_g = [out_cts[i].astype(c.dtype) for i, c in zip(sorted(g_carry), g)]
         acc = [a + _or_zero(in_cts[n_lead + i], node.inputs[i].aval)
                for a, i in zip(acc, float_consts)]
         xs_ct = [_or_zero(in_cts[n_lead + nc + ncar + i], node.inputs[nc + ncar + i].aval)
@@ -81,8 +82,7 @@ def sweep_scan(node, invals, g_carry, debug, fragments=None, anchors=None):
         ys_ct = [_or_zero(out_cts[i], graph.outvars[i].aval) for i in stream_out]
         return (outs[:ncar], new_g, acc), (outs[ncar:], xs_ct, ys_ct)
 
-    acc0 = [jnp.zeros(node.inputs[i].aval.shape, node.inputs[i].aval.dtype)
-            for i in float_consts]
+    acc0 = [_or_zero(None, node.inputs[i].aval) for i in float_consts]
     g0 = [g_carry[i] for i in sorted(g_carry)]
     frags = None if collect else fragments
     if anchors is None:
@@ -95,8 +95,9 @@ def sweep_scan(node, invals, g_carry, debug, fragments=None, anchors=None):
 
         def block(state, inputs):
             x_blk, frag_blk, anchor = inputs
-            carry, _, acc = state  # restart from the exact cotangent
-            return lax.scan(step, (carry, list(anchor), acc), (x_blk, frag_blk), length=k,
+            carry, g, acc = state  # restart from the exact cotangent
+            anchor = [a.astype(b.dtype) for a, b in zip(anchor, g)]
+            return lax.scan(step, (carry, anchor, acc), (x_blk, frag_blk), length=k,
                             reverse=p["reverse"])
 
         (carry, g, acc), outs_blk = lax.scan(
@@ -119,7 +120,9 @@ def sweep_scan(node, invals, g_carry, debug, fragments=None, anchors=None):
 
 
 def _or_zero(c, aval):
-    return c if c is not None else jnp.zeros(aval.shape, aval.dtype)
+    """``c``, or zeros, in the dtype the sweep keeps cotangents of ``aval`` in."""
+    dtype = ct_dtype(aval.dtype)
+    return c.astype(dtype) if c is not None else jnp.zeros(aval.shape, dtype)
 
 
 def blocks(tree, nb, k):

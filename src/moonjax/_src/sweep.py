@@ -30,6 +30,7 @@ from jax import lax
 
 from moonjax._src import graph as G
 from moonjax._src.errors import (
+    NON_FINITE,
     MoonjaxError,
     NotSubmersiveError,
     SpineStructureError,
@@ -37,7 +38,7 @@ from moonjax._src.errors import (
     equation_error,
     where,
 )
-from moonjax._src.rules import elementwise_rules, vijp_rules
+from moonjax._src.rules import ct_dtype, elementwise_rules, vijp_rules
 from moonjax._src.rules.structural import slice_partition
 
 
@@ -49,6 +50,21 @@ def _zeros(aval):
     if is_float(aval):
         return jnp.zeros(aval.shape, aval.dtype)
     return np.zeros(aval.shape, jax.dtypes.float0)
+
+
+def _up(c):
+    """A cotangent in the dtype the sweep keeps it in (float32 for 16-bit floats)."""
+    dtype = getattr(c, "dtype", None)
+    if dtype is None or dtype == jax.dtypes.float0:
+        return c
+    return c.astype(ct_dtype(dtype))
+
+
+def _down(c, aval):
+    """A cotangent in ``aval``'s own dtype, for a local pullback of the primal."""
+    if c is None or not is_float(aval):
+        return _zeros(aval) if c is None else c
+    return c.astype(aval.dtype)
 
 
 def _add(a, b):
@@ -183,7 +199,7 @@ class _Sweep:
         return self.ct[id(v)] if acc is None else self.ct[id(v)] - acc
 
     def set_known(self, v, ct):
-        self.ct[id(v)] = ct
+        self.ct[id(v)] = None if ct is None else _up(ct)
         self.queue.append(("fwd", v))
         if v.producer is not None and id(v.producer) not in self.resolved:
             self.queue.append(("bwd", v.producer))
@@ -281,10 +297,7 @@ class _Sweep:
         self._finish()
         in_cts = [None] * len(g.invars)
         if diff_idx:
-            cts = [
-                self.nacc.get(id(v)) if self.nacc.get(id(v)) is not None else _zeros(v.aval)
-                for v in needed
-            ]
+            cts = [_down(self.nacc.get(id(v)), v.aval) for v in needed]
             for i, c in zip(diff_idx, const_pullback(cts)):
                 in_cts[i] = c
         outvals = [self.read(o) for o in g.outvars]
@@ -330,10 +343,7 @@ class _Sweep:
         pullback = self.pullbacks.pop(id(node), None)
         if pullback is None:
             return [None] * len(node.inputs)
-        cts = tuple(
-            c if c is not None else _zeros(o.aval) for o, c in zip(node.outputs, out_cts)
-        )
-        return list(pullback(cts))
+        return list(pullback(tuple(_down(c, o.aval) for o, c in zip(node.outputs, out_cts))))
 
     def _resolve(self, node, contributions, skip=()):
         """Mark ``node`` resolved and hand its input contributions over."""
@@ -412,7 +422,7 @@ class _Sweep:
     def _check_finite(self, node, g):
         if not self.debug or g is None:
             return
-        msg = (f"moonjax: non-finite swept cotangent after `{node.primitive.name}` at "
+        msg = (f"{NON_FINITE} after `{node.primitive.name}` at "
                f"{where(node.source_info)} (a singular weight or a flat activation?)")
 
         def check(ok):
@@ -434,6 +444,9 @@ class _Sweep:
 
     def _cross_with_fragment(self, v, node) -> bool:
         """Cross ``node`` with the exact output cotangents that phase 1 recorded."""
+        if all(id(o) in self.ct for o in node.outputs):  # e.g. the loss: reverse mode
+            self._try_backward(node)
+            return id(node) in self.resolved
         out_cts = self._fragment(node)
         if out_cts is None:
             return False
@@ -587,8 +600,7 @@ class _Sweep:
                 if all(c is None for c in cts):
                     continue
                 pullback = self.pullbacks[id(n)]
-                ins = pullback(tuple(c if c is not None else _zeros(o.aval)
-                                     for o, c in zip(n.outputs, cts)))
+                ins = pullback(tuple(_down(c, o.aval) for o, c in zip(n.outputs, cts)))
                 for a, c in zip(n.inputs, ins):
                     if not isinstance(a, G.Value) or not is_float(a.aval):
                         continue
@@ -597,7 +609,10 @@ class _Sweep:
             return local.get(id(v)), outside
 
         if fragment is None:
-            dphi, _ = backprop(jnp.ones(y.aval.shape, y.aval.dtype))
+            if ct_dtype(v.aval.dtype) != v.aval.dtype:  # 16-bit: φ' in float32
+                dphi = self._derivative(v, y, order)
+            else:
+                dphi, _ = backprop(jnp.ones(y.aval.shape, y.aval.dtype))
             g_y = self.residual(v) / dphi
             self._check_finite(order[-1], g_y)
         else:
@@ -617,6 +632,25 @@ class _Sweep:
         _report("region", order, "elementwise region g / φ'(x)")
         self.set_known(y, g_y)
         return True
+
+    def _derivative(self, v, y, order):
+        """φ'(x) of an elementwise region, evaluated in the cotangent dtype (float32 for
+        16-bit models, where φ' rounds to 0 as soon as e.g. tanh saturates)."""
+
+        def phi(x):
+            env = {id(v): x}
+            for n in order:
+                ins = [env[id(a)] if isinstance(a, G.Value) and id(a) in env
+                       else _up(self.read(a)) for a in n.inputs]
+                if n.primitive is lax.convert_element_type_p and is_float(n.outputs[0].aval):
+                    outs = [_up(ins[0])]
+                else:
+                    outs = n.bind(*ins)
+                env.update(zip(map(id, n.outputs), outs))
+            return env[id(y)]
+
+        x = _up(self.read(v))
+        return jax.jvp(phi, (x,), (jnp.ones_like(x),))[1]
 
     # -- scan --------------------------------------------------------------------------
 

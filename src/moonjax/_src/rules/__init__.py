@@ -19,6 +19,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import jax.numpy as jnp
+
 # elementwise primitive -> check(node, region_flags) -> None (fine) or a reason string
 elementwise_rules: dict[Any, Callable] = {}
 
@@ -47,6 +49,15 @@ class VijpRule:
     check: Callable | None = None
     merge: bool = False
     spine_arity: int | None = None
+
+
+def ct_dtype(dtype):
+    """The dtype a swept cotangent is kept in: float32 for 16-bit floats (bfloat16,
+    float16), so error does not grow at their precision layer by layer; else ``dtype``."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+        return jnp.dtype(jnp.float32)
+    return dtype
 
 
 def register_vijp(primitive, rule: Callable, *, check: Callable | None = None) -> None:

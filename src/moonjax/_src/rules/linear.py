@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.scipy.linalg import solve_triangular
 
-from moonjax._src.rules import VijpRule, vijp_rules
+from moonjax._src.rules import VijpRule, ct_dtype, vijp_rules
 
 
 def _layout(node, pos):
@@ -70,7 +70,7 @@ def _vijp(node, positions, g_ins, invals):
     if pos == 1:  # output layout is (w_free..., x_free...)
         nm, nw = len(m_shape), len(w_free_shape)
         g_y = jnp.transpose(g_y, list(range(nm, nm + nw)) + list(range(nm)))
-    return [g_y.astype(node.outputs[0].aval.dtype)]
+    return [g_y.astype(ct_dtype(node.outputs[0].aval.dtype))]
 
 
 vijp_rules[lax.dot_general_p] = VijpRule(_vijp, _check)
