@@ -10,6 +10,7 @@ from moonjax._src.api import (
     moonwalk_value_and_grad,
     vijp,
 )
+from moonjax._src.check import CheckReport, check
 from moonjax._src.errors import (
     ArgumentError,
     LossShapeError,
@@ -25,12 +26,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArgumentError",
+    "CheckReport",
     "LossShapeError",
     "MoonjaxError",
     "NonFiniteCotangentError",
     "NotSubmersiveError",
     "SpineStructureError",
     "UnsupportedPrimitiveError",
+    "check",
     "custom_vijp",
     "moonwalk_grad",
     "moonwalk_value_and_grad",
