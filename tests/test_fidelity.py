@@ -73,3 +73,48 @@ def test_print_fidelity_table():
         for depth in (16, 64, 256):
             err = _errors(kind, depth, methods)
             print(kind, depth, " ".join(f"{k}={v:.1e}" for k, v in err.items()))
+
+
+# -- moonjax.fidelity --------------------------------------------------------------------
+
+
+def _f32_case(kind, depth, slope=0.1, d=16, batch=8):
+    kp, kd = jax.random.split(jax.random.PRNGKey(2))
+    layer = (lambda h, p: leaky_layer(h, p, slope)) if kind == "leaky" else LAYERS[kind]
+    loss = classification_loss(scanned(layer))
+    args = (PARAMS[kind](kp, depth, d), *data(kd, batch, d))
+    return loss, jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), args)
+
+
+def test_fidelity_flags_an_ill_conditioned_sweep_layer_by_layer():
+    loss, args = _f32_case("leaky", 16)
+    report = moonjax.fidelity(loss, *args)
+    assert report.reference == "float64" and not report.ok()
+    assert report.backprop_error < 1e-5 and report.error > 1e3 * report.backprop_error
+    per_layer = report.layers["['w']"]
+    assert per_layer.shape == (16,) and per_layer[-1] > 1e3 * per_layer[0]  # grows with depth
+    assert "ill-conditioned" in str(report) and "anchor_every" in str(report)
+
+
+def test_fidelity_passes_once_anchored_and_matches_the_gradients_it_compares():
+    loss, args = _f32_case("leaky", 16)
+    report = moonjax.fidelity(loss, *args, anchor_every="auto")
+    assert report.ok() and report.ratio <= 3 and "ill-conditioned" not in str(report)
+    exact = jax.grad(loss)(*jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), args))
+    got = moonjax.moonwalk_grad(loss, anchor_every="auto")(*args)
+    assert report.error == pytest.approx(rel_err(got, exact), rel=1e-6)
+
+
+def test_fidelity_of_float64_inputs_is_against_backprop():
+    loss, args = _f32_case("additive", 4)
+    args = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), args)
+    report = moonjax.fidelity(loss, *args)
+    assert report.reference == "backprop" and report.backprop_error is None
+    assert report.error < 1e-12 and report.ok()
+    assert set(report.leaves) == {"['b1']", "['w1']", "['w2']"}
+
+
+def test_fidelity_passes_bad_options_to_moonwalk_grad_errors():
+    loss, args = _f32_case("additive", 2)
+    with pytest.raises(moonjax.ArgumentError, match="mode"):
+        moonjax.fidelity(loss, *args, mode="backwards")

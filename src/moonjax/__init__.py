@@ -20,6 +20,7 @@ from moonjax._src.errors import (
     SpineStructureError,
     UnsupportedPrimitiveError,
 )
+from moonjax._src.fidelity import FidelityReport, fidelity
 from moonjax._src.rules import register_vijp
 
 __version__ = "0.1.0"
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ArgumentError",
     "CheckReport",
+    "FidelityReport",
     "LossShapeError",
     "MoonjaxError",
     "NonFiniteCotangentError",
@@ -35,6 +37,7 @@ __all__ = [
     "UnsupportedPrimitiveError",
     "check",
     "custom_vijp",
+    "fidelity",
     "moonwalk_grad",
     "moonwalk_value_and_grad",
     "register_vijp",
