@@ -56,7 +56,7 @@ def unrolled(layer):
     def apply(params, x):
         depth = jax.tree_util.tree_leaves(params)[0].shape[0]
         for i in range(depth):
-            x = layer(x, jax.tree_util.tree_map(lambda a: a[i], params))
+            x = layer(x, jax.tree_util.tree_map(lambda a, i=i: a[i], params))
         return x
     return apply
 
@@ -83,6 +83,17 @@ def data(key, batch, d, dtype=jnp.float64):
 
 def rel_err(a, b):
     num = sum(float(jnp.sum((x - y) ** 2)) for x, y in
-              zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+              zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True))
     den = sum(float(jnp.sum(y ** 2)) for y in jax.tree_util.tree_leaves(b))
     return (num / den) ** 0.5
+
+
+def line_of(fn, text):
+    """The line number of the line of ``fn``'s source that contains ``text``."""
+    import inspect
+
+    lines, start = inspect.getsourcelines(fn)
+    for k, line in enumerate(lines):
+        if text in line:
+            return start + k
+    raise AssertionError(f"{text!r} not in the source of {fn.__name__}")

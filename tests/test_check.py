@@ -14,28 +14,19 @@ import nets
 import pytest
 from flax import nnx
 from jax import lax
-from nets import LAYERS, PARAMS, classification_loss, data, scanned, unrolled
+from nets import LAYERS, PARAMS, classification_loss, data, line_of, scanned, unrolled
 
 import moonjax
-from moonjax import models
-from moonjax import CheckReport, check
+from moonjax import CheckReport, check, models
 from moonjax.cli import main
 
 HERE = os.path.basename(__file__)
 TARGETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "check_targets.py")
 
 
-def _line_of(fn, text):
-    lines, start = inspect.getsourcelines(fn)
-    for k, line in enumerate(lines):
-        if text in line:
-            return start + k
-    raise AssertionError(f"{text!r} not in the source of {fn.__name__}")
-
-
 def _at(fn, text):
     """``file.py:line`` of the line of ``fn`` containing ``text``."""
-    return f"{os.path.basename(inspect.getsourcefile(fn))}:{_line_of(fn, text)} "
+    return f"{os.path.basename(inspect.getsourcefile(fn))}:{line_of(fn, text)} "
 
 
 def _net(kind, style, depth=2, d=4, batch=3):
@@ -172,7 +163,7 @@ def test_relu_net_is_ok_with_fragments_and_reports_them_at_the_user_line():
     r = check(relu_loss, RELU_W, RELU_X)
     assert r.ok and not r.submersive
     assert isinstance(r.fragment_error, moonjax.NotSubmersiveError)
-    assert r.primitive == "max" and f"{HERE}:{_line_of(relu_loss, 'marker: relu')}:" in r.location
+    assert r.primitive == "max" and f"{HERE}:{line_of(relu_loss, 'marker: relu')}:" in r.location
     (relu,) = _groups_at(r, _at(relu_loss, "marker: relu"))
     assert relu.role == "spine" and not relu.submersive
     assert relu.fragment_bytes == 3 * 4 * 8  # the ReLU's output cotangent, float64
@@ -180,7 +171,7 @@ def test_relu_net_is_ok_with_fragments_and_reports_them_at_the_user_line():
     assert "fragment" in r.rules["max"]
     text = str(r)
     assert "not submersive" in text and "NO" in text
-    assert f"{HERE}:{_line_of(relu_loss, 'marker: relu')}" in text
+    assert f"{HERE}:{line_of(relu_loss, 'marker: relu')}" in text
 
 
 def test_relu_net_stores_only_the_relu_fragment():
@@ -204,7 +195,7 @@ def test_relu_net_without_fragments_fails_at_the_relu_line():
     r = check(relu_loss, RELU_W, RELU_X, fragments=False)
     assert not r.ok and isinstance(r.error, moonjax.NotSubmersiveError)
     assert r.primitive == "max"
-    assert f"{HERE}:{_line_of(relu_loss, 'marker: relu')}" in r.location
+    assert f"{HERE}:{line_of(relu_loss, 'marker: relu')}" in r.location
     assert "moonjax.nn" in r.suggestion and "custom_vijp" in r.suggestion
     text = str(r)
     assert text.startswith("moonjax check: FAILED") and "NotSubmersiveError" in text
@@ -224,7 +215,7 @@ def sort_loss(w, x):
 def test_unsupported_primitive_is_reported_with_a_fix():
     r = check(sort_loss, RELU_W, RELU_X, fragments=False)
     assert not r.ok and isinstance(r.error, moonjax.UnsupportedPrimitiveError)
-    assert r.primitive == "sort" and f"{HERE}:{_line_of(sort_loss, 'marker: sort')}" in r.location
+    assert r.primitive == "sort" and f"{HERE}:{line_of(sort_loss, 'marker: sort')}" in r.location
     assert "custom_vijp" in r.suggestion and "register_vijp" in r.suggestion
     assert "moonjax.nn" in r.suggestion
     # with fragments, phase 1 stores the sort's output cotangent instead
@@ -239,7 +230,7 @@ def test_value_feeding_two_layers_fails_with_a_structure_error():
 
     r = check(loss, jnp.eye(4), RELU_X)
     assert not r.ok and isinstance(r.error, moonjax.SpineStructureError)
-    assert f"{HERE}:{_line_of(loss, '# marker')}" in r.location
+    assert f"{HERE}:{line_of(loss, '# marker')}" in r.location
     assert "coupling" in r.suggestion
 
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from nets import line_of
 
 import moonjax
 
@@ -24,18 +25,10 @@ X = jnp.linspace(-1.0, 1.0, 8).reshape(2, 4)
 WS = jnp.stack([W, W.T, W])
 
 
-def _line_of(fn, text):
-    lines, start = inspect.getsourcelines(fn)
-    for k, line in enumerate(lines):
-        if text in line:
-            return start + k
-    raise AssertionError(f"{text!r} not in the source of {fn.__name__}")
-
-
 def _points_at(err, fn, text):
     """The message names this file and the line of ``fn`` that contains ``text``."""
     msg = str(err.value)
-    want = f"{HERE}:{_line_of(fn, text)}"
+    want = f"{HERE}:{line_of(fn, text)}"
     assert want in msg, f"{want} not in:\n{msg}"
     return msg
 

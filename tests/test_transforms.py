@@ -4,7 +4,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax import lax
 from nets import LAYERS, PARAMS, classification_loss, data, rel_err, scanned

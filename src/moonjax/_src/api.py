@@ -15,16 +15,16 @@ import numpy as np
 
 from moonjax._src import graph as G
 from moonjax._src.errors import (
-    ArgumentError,
     NON_FINITE,
+    ArgumentError,
     LossShapeError,
     NonFiniteCotangentError,
     NotSubmersiveError,
     UnsupportedPrimitiveError,
 )
-from moonjax._src.rules import VijpRule
 from moonjax._src.phase1 import MODES as PHASE1
 from moonjax._src.phase1 import anchor_plan, mixed_with_probes
+from moonjax._src.rules import VijpRule
 from moonjax._src.sweep import REPORT, Collect, sweep
 
 MODES = ("mixed", "reversible", "forward")
@@ -69,9 +69,11 @@ def _no_stream_message(stream_ix, stream_argnums, diff, leaves) -> str:
         return ("moonwalk_grad needs the network input as a float argument that is not "
                 f"differentiated (argnums={diff}); pass the data as an argument or set "
                 "stream_argnums")
-    found = ", ".join(
-        f"argument {i} ({', '.join(sorted({str(_dtype(x) or type(x).__name__) for x in leaves[i]})) or 'no arrays'})"
-        for i in stream_ix)
+    def kinds(i):
+        names = sorted({str(_dtype(x) or type(x).__name__) for x in leaves[i]})
+        return ", ".join(names) or "no arrays"
+
+    found = ", ".join(f"argument {i} ({kinds(i)})" for i in stream_ix)
     fix = ("cast the network input to a float dtype (embed integer tokens inside the loss "
            "and pass the float embeddings, or the float features)")
     if stream_argnums is None:
@@ -112,7 +114,8 @@ def moonwalk_value_and_grad(
 
     Phase 1 computes the exact cotangent ``g₀ = ∂ℓ/∂x`` of the network input ``x``
     (the *stream*: by default the float leaves of the first positional argument after
-    those in ``argnums``, as ``x`` in ``loss(params, x, y)``). Then the inverse-forward sweep walks the network forwards,
+    those in ``argnums``, as ``x`` in ``loss(params, x, y)``). Then the inverse-forward
+    sweep walks the network forwards,
     ``g_i = vijp_i(h_{i-1}, g_{i-1})``, and pulls each ``g_i`` back to the layer's
     parameters, ``∂ℓ/∂θ_i = g_i ∂f_i/∂θ_i``, without keeping any layer's activations.
 

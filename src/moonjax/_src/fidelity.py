@@ -141,8 +141,9 @@ def fidelity(
     The reference is ``jax.grad`` on the inputs cast to float64 when
     ``jax_enable_x64`` is on and the gradients are not float64 already (then backprop
     in the inputs' own precision is reported next to Moonwalk, as the error to
-    expect), else ``jax.grad`` in the inputs' precision. Per-layer errors are given for parameters whose leading axis is the
-    length of a top-level ``lax.scan`` (stacked layers).
+    expect), else ``jax.grad`` in the inputs' precision. Per-layer errors are given
+    for parameters whose leading axis is the length of a top-level ``lax.scan``
+    (stacked layers).
 
     Args:
       loss: the loss, as given to ``moonwalk_grad``.

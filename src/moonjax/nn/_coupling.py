@@ -21,6 +21,15 @@ def _check_even(layer_name: str, features: int) -> int:
     return features // 2
 
 
+def _init_coupling(layer, features, hidden, outputs, rngs, side, param_dtype) -> None:
+    """Check ``features`` and give ``layer`` its side network: ``side``, or an MLP from
+    one half to ``outputs`` halves."""
+    half = _check_even(type(layer).__name__, features)
+    layer.features = features
+    layer.side = side if side is not None else MLP(half, hidden, outputs * half, rngs=rngs,
+                                                   param_dtype=param_dtype)
+
+
 class AdditiveCoupling(Invertible):
     """Additive coupling ``y = [x2 + f(x1), x1]`` (NICE), volume preserving.
 
@@ -46,22 +55,9 @@ class AdditiveCoupling(Invertible):
 
     volume_preserving = True
 
-    def __init__(
-        self,
-        features: int,
-        hidden: int = 64,
-        *,
-        rngs: nnx.Rngs,
-        side: nnx.Module | None = None,
-        param_dtype: jnp.dtype = jnp.float32,
-    ):
-        half = _check_even("AdditiveCoupling", features)
-        self.features = features
-        self.side = (
-            side
-            if side is not None
-            else MLP(half, hidden, half, rngs=rngs, param_dtype=param_dtype)
-        )
+    def __init__(self, features: int, hidden: int = 64, *, rngs: nnx.Rngs,
+                 side: nnx.Module | None = None, param_dtype: jnp.dtype = jnp.float32):
+        _init_coupling(self, features, hidden, 1, rngs, side, param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         check_features(self, x, self.features)
@@ -99,22 +95,9 @@ class AffineCoupling(Invertible):
       (2,)
     """
 
-    def __init__(
-        self,
-        features: int,
-        hidden: int = 64,
-        *,
-        rngs: nnx.Rngs,
-        side: nnx.Module | None = None,
-        param_dtype: jnp.dtype = jnp.float32,
-    ):
-        half = _check_even("AffineCoupling", features)
-        self.features = features
-        self.side = (
-            side
-            if side is not None
-            else MLP(half, hidden, features, rngs=rngs, param_dtype=param_dtype)
-        )
+    def __init__(self, features: int, hidden: int = 64, *, rngs: nnx.Rngs,
+                 side: nnx.Module | None = None, param_dtype: jnp.dtype = jnp.float32):
+        _init_coupling(self, features, hidden, 2, rngs, side, param_dtype)
 
     def _scale_shift(self, x1: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         s, t = jnp.split(self.side(x1), 2, axis=-1)
