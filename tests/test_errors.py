@@ -78,6 +78,28 @@ def test_cumsum_without_a_rule_is_unsupported_at_its_line():
     assert "cumsum" in _points_at(e, loss, "# marker")
 
 
+def test_a_primitive_inside_an_installed_library_points_at_the_users_call(tmp_path,
+                                                                          monkeypatch):
+    # a library in a virtual environment's site-packages is not the user's code, even
+    # though JAX (which skips only itself and the standard library) would show it
+    lib = tmp_path / "site-packages"
+    lib.mkdir()
+    (lib / "moonjax_fake_lib.py").write_text(
+        "import jax.numpy as jnp\n\n"
+        "def layer(h, w):\n"
+        "    return jnp.sort(h @ w, axis=-1)\n"
+    )
+    monkeypatch.syspath_prepend(str(lib))
+    import moonjax_fake_lib
+
+    def loss(w, x):
+        return jnp.sum(jnp.tanh(moonjax_fake_lib.layer(x, w) @ w))  # marker: library call
+
+    with pytest.raises(moonjax.UnsupportedPrimitiveError) as e:
+        moonjax.moonwalk_grad(loss, fragments=False)(W, X)
+    assert "moonjax_fake_lib" not in _points_at(e, loss, "marker: library call")
+
+
 # -- non-submersive layers -------------------------------------------------------------
 
 
@@ -181,7 +203,7 @@ def _residual(h, w):
 @pytest.mark.parametrize("mode", ["mixed", "forward"])
 def test_residual_in_a_scan_body_names_both_uses_with_their_lines(mode):
     with pytest.raises(moonjax.SpineStructureError) as e:
-        moonjax.moonwalk_grad(_scan_loss(_residual), mode=mode)(WS, X)
+        moonjax.moonwalk_grad(_scan_loss(_residual), mode=mode, fragments=False)(WS, X)
     msg = _points_at(e, _residual, "marker: residual")
     assert "feeds 2 operations" in msg and "`x + f(x)`" in msg
     assert "primitive: dot_general" in msg and "coupling" in msg
@@ -197,10 +219,15 @@ def test_residual_at_top_level_points_at_the_user_line():
     _points_at(e, loss, "# marker")
 
 
-def test_residual_cannot_be_rescued_by_fragments():
-    # fragments cover non-submersive steps, not a value read by two layers
-    with pytest.raises(moonjax.SpineStructureError):
-        moonjax.moonwalk_grad(_scan_loss(_residual), fragments=True)(WS, X)
+def test_a_scanned_residual_is_rescued_by_recording_the_carry_cotangent():
+    # the sweep cannot cross x + f(x), so phase 1 records the loop carry's cotangent at
+    # every step (one activation per layer, like a fragment) and reverse mode does the rest
+    loss = _scan_loss(_residual)
+    got = moonjax.moonwalk_grad(loss)(WS, X)
+    assert np.allclose(got, jax.grad(loss)(WS, X), rtol=1e-10, atol=1e-12)
+    report = moonjax.check(loss, WS, X)
+    assert report.ok and not report.submersive
+    assert report.fragment_bytes == len(WS) * X.size * X.dtype.itemsize
 
 
 def test_a_value_entering_one_operation_twice_is_named():

@@ -310,12 +310,6 @@ def test_glow_gradients_match_finite_differences():
     directional_check(models.flow_loss(graphdef), params, (data((5, *shape), 3),), seed=7)
 
 
-@pytest.mark.xfail(
-    raises=moonjax.SpineStructureError,
-    strict=False,
-    reason="the affine couplings' log-dets read the side branch and feed the loss directly "
-    "(a per-layer loss term), which the sweep does not yet accept",
-)
 @pytest.mark.parametrize("name", list(GLOW_CONFIGS))
 def test_glow_moonwalk_grad_matches_jax_grad(name):
     graphdef, params, shape = glow(name)

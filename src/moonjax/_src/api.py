@@ -20,6 +20,7 @@ from moonjax._src.errors import (
     LossShapeError,
     NonFiniteCotangentError,
     NotSubmersiveError,
+    SpineStructureError,
     UnsupportedPrimitiveError,
 )
 from moonjax._src.phase1 import MODES as PHASE1
@@ -357,7 +358,8 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
                        for s in steps)}
         if plan:
             raise _NeedsRecords
-    except (NotSubmersiveError, UnsupportedPrimitiveError, _NeedsRecords) as e:
+    except (NotSubmersiveError, UnsupportedPrimitiveError, SpineStructureError,
+            _NeedsRecords) as e:
         if mode != "mixed" or (not fragments and not isinstance(e, _NeedsRecords)):
             raise
         # Fragmental checkpointing (and anchors): find the spine steps the sweep cannot

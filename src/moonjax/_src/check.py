@@ -543,7 +543,7 @@ def _analyse(loss, layout: _Layout, has_aux: bool, mode: str, fragments: bool):
     def traced(*dyn):
         try:
             run_sweep(dyn, None)
-        except (NotSubmersiveError, UnsupportedPrimitiveError) as e:
+        except (NotSubmersiveError, UnsupportedPrimitiveError, SpineStructureError) as e:
             if mode != "mixed" or not fragments:
                 raise
             result["fragment_error"] = e

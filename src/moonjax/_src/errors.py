@@ -7,6 +7,8 @@ line (JAX keeps ``source_info`` on every equation) and say what to do.
 
 from __future__ import annotations
 
+import os
+
 from jax.extend import source_info_util
 
 
@@ -42,13 +44,36 @@ class NonFiniteCotangentError(MoonjaxError, FloatingPointError):
 NON_FINITE = "moonjax: non-finite swept cotangent"
 
 
-def where(source_info) -> str:
-    """The user's ``file:line`` of an equation's source info, or ``<unknown>``."""
+# installed libraries (optax, flax, ...) are not "the user's line", wherever the
+# environment lives: JAX only skips its own tree and the standard library
+_LIBRARY_DIRS = tuple(os.sep + d + os.sep for d in ("site-packages", "dist-packages"))
+_FRAMES = 64  # how far up the stack to look for the user's line
+
+
+def user_line(source_info) -> str | None:
+    """The innermost ``file:line`` of ``source_info`` outside JAX and installed
+    libraries, or None when there is none."""
     if source_info is None:
-        return "<unknown location>"
+        return None
     try:
-        return source_info_util.summarize(source_info)
+        lines = source_info_util.summarize(source_info, num_frames=_FRAMES).splitlines()
     except Exception:  # pragma: no cover - defensive: source info is best effort
+        return None
+    lines = [ln for ln in lines if ln and ln != "unknown"]
+    for line in reversed(lines):  # innermost last
+        if not any(d in line for d in _LIBRARY_DIRS):
+            return line
+    return None
+
+
+def where(source_info) -> str:
+    """The user's ``file:line`` of an equation's source info, or ``<unknown location>``."""
+    line = user_line(source_info)
+    if line is not None:
+        return line
+    try:  # only library frames: better one of those than nothing
+        return source_info_util.summarize(source_info) or "<unknown location>"
+    except Exception:  # pragma: no cover
         return "<unknown location>"
 
 

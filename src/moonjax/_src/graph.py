@@ -13,7 +13,8 @@ import dataclasses
 from typing import Any
 
 from jax.extend import core as jex_core
-from jax.extend import source_info_util
+
+from moonjax._src.errors import user_line
 
 # Call-like primitives and the parameter that holds their body.
 _INLINE_BODY = {
@@ -164,10 +165,7 @@ def flatten(closed_jaxpr: jex_core.ClosedJaxpr) -> tuple[Graph, list]:
 
 
 def _user_location(source_info) -> bool:
-    try:
-        return bool(source_info_util.summarize(source_info))
-    except Exception:  # pragma: no cover - source info is best effort
-        return False
+    return user_line(source_info) is not None
 
 
 def dce(graph: Graph) -> Graph:

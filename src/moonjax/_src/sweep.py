@@ -294,6 +294,8 @@ class _Sweep:
             else:
                 self._evaluate(node)
             self.settle()
+        if not self.head and self.fragments is not None:
+            self._record_outputs()
         self._finish()
         in_cts = [None] * len(g.invars)
         if diff_idx:
@@ -315,7 +317,6 @@ class _Sweep:
         for o, x in zip(node.outputs, outs):
             self.val[id(o)] = x
         self.evaluated.add(id(node))
-        self.queue.extend(("fwd", v) for v in self.wake.pop(id(node), []))
         for o in node.outputs:
             if not is_float(o.aval):
                 self.ct[id(o)] = None
@@ -326,6 +327,8 @@ class _Sweep:
                 if self.is_dep(a) and id(a) in self.ct:
                     self.queue.append(("fwd", a))
             self.queue.append(("bwd", node))
+        # retried after the node's own resolution, which may reach them backwards
+        self.queue.extend(("fwd", v) for v in self.wake.pop(id(node), []))
 
     def settle(self):
         while self.queue:
@@ -586,6 +589,13 @@ class _Sweep:
             inside.update(id(o) for o in n.outputs)
         fragment = None
         if failure is not None:
+            later = [u for u, _ in y.uses if id(u) not in self.evaluated]
+            if later or id(y) in self.ct:
+                # wait: reverse mode from the loss may reach y first (a loss head such
+                # as sum(h ** 2) needs no record), then it resolves the region backwards
+                for u in later:
+                    self.wake.setdefault(id(u), []).append(v)
+                return False
             fragment = self._fragment(y.producer)
             if fragment is None:
                 self.block(v, order[0], failure)
@@ -711,6 +721,32 @@ class _Sweep:
         if records:
             raise min(records, key=lambda b: b.order).error
         raise SpineStructureError(fallback)
+
+    def _record_outputs(self):
+        """Outputs of a swept block whose cotangent the sweep cannot find forwards (a
+        per-layer loss term read from a side branch, e.g. a flow's log-det) take it
+        from phase 1's record; reverse mode then resolves the branch that made them."""
+        for v in self.g.outvars:
+            if not isinstance(v, G.Value) or id(v) not in self.out_pending or id(v) in self.ct:
+                continue
+            node = v.producer
+            if node is None or id(node) not in self.evaluated or id(node) in self.resolved:
+                continue
+            if isinstance(self.fragments, Collect):
+                self.fragments[node.index] = [o.aval if is_float(o.aval) else None
+                                              for o in node.outputs]
+                cts = [_zeros(o.aval) if is_float(o.aval) else None for o in node.outputs]
+            elif node.index in self.fragments:
+                cts = self.fragments[node.index]
+            else:
+                continue
+            nbytes = sum(o.aval.size * o.aval.dtype.itemsize for o in node.outputs
+                         if is_float(o.aval))
+            _report("fragment", [node], "recorded block output cotangent", nbytes)
+            for o, c in zip(node.outputs, cts):
+                if c is not None and id(o) not in self.ct:
+                    self.set_known(o, c)
+            self.settle()
 
     def _finish(self):
         pending = [n for n in self.stream_nodes if id(n) not in self.resolved]
