@@ -450,6 +450,15 @@ def test_invertible_dense_weight_is_p_l_u():
     np.testing.assert_allclose(layer.log_det(x), [0.2, 0.2], atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("make", [nn.InvertibleDense, nn.InvertibleConv1x1])
+def test_lu_params_keep_param_dtype_with_x64_enabled(make, dtype):
+    # x64 is on in this file: the initialiser's scale must not promote them to float64
+    layer = make(4, rngs=rngs(0), param_dtype=dtype)
+    leaves = jax.tree.leaves(nnx.state(layer, nnx.Param))
+    assert leaves and {leaf.dtype for leaf in leaves} == {jnp.dtype(dtype)}
+
+
 def count_eqns(jaxpr) -> int:
     return sum(1 + sum(count_eqns(s) for s in sub_jaxprs(e)) for e in jaxpr.eqns)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -64,7 +65,7 @@ class _LULinear(Invertible):
         _check_width(name, features)
         self.features = features
         self.permutation = _permutation(name, features, permutation)
-        std = 0.5 / np.sqrt(features)
+        std = 0.5 / math.sqrt(features)  # a Python float keeps param_dtype under x64
         shape = (features, features)
         self.lower = nnx.Param(std * jax.random.normal(rngs.params(), shape, param_dtype))
         self.upper = nnx.Param(std * jax.random.normal(rngs.params(), shape, param_dtype))
