@@ -1,32 +1,52 @@
 """The ``moonjax`` command: ``moonjax <command> [flags]``.
 
-Each command is one small function that adds its sub-parser and sets ``run`` to the
-function that executes it; :data:`COMMANDS` lists them. Commands import their
-implementation lazily, so ``moonjax --help`` stays fast.
+:data:`COMMANDS` lists the sub-commands; each names the module that adds its flags
+and runs it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 
-def _bench(sub: argparse._SubParsersAction) -> None:
-    from moonjax.bench._cli import add_arguments, run_from_args
+class Command(NamedTuple):
+    """A sub-command: its module has ``add_arguments(parser)`` and ``run_from_args(args)``."""
 
+    name: str
+    module: str
+    help: str
+    description: str
+
+
+COMMANDS: list[Command] = [
+    Command("bench", "moonjax.bench._cli",
+            "compare Moonwalk with backprop and friends: time, memory, depth",
+            "Time, XLA memory, gradient error and the largest depth under a memory budget, "
+            "for Moonwalk and the baselines, on one device in one process."),
+    Command("train", "moonjax.train._cli",
+            "train an invertible classifier (digits or your .npz) with Moonwalk gradients",
+            "Train an i-RevNet-style classifier with Adam, Moonwalk or backprop gradients, "
+            "data parallel over all devices, with checkpoints."),
+    Command("check", "moonjax._src.check_cli",
+            "check a model without running it: submersive layers, vijp rules, fragments, "
+            "the first unsupported primitive",
+            ""),  # the module's DESCRIPTION
+]
+
+
+def _add(sub: argparse._SubParsersAction, command: Command) -> None:
+    module = importlib.import_module(command.module)
+    own = getattr(module, "DESCRIPTION", None)  # laid out by the module: keep its lines
     p = sub.add_parser(
-        "bench",
-        help="compare Moonwalk with backprop and friends: time, memory, depth",
-        description="Time, XLA memory, gradient error and the largest depth under a memory "
-        "budget, for Moonwalk and the baselines, on one device in one process.",
-    )
-    add_arguments(p)
-    p.set_defaults(run=run_from_args)
-
-
-# Adding a command (``train``, ``check``) is one more function like ``_bench``.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_bench]
+        command.name, help=command.help, description=own or command.description,
+        formatter_class=argparse.RawDescriptionHelpFormatter if own else
+        argparse.HelpFormatter)
+    module.add_arguments(p)
+    p.set_defaults(run=module.run_from_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"moonjax {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="<command>")
-    for add in COMMANDS:
-        add(sub)
+    for command in COMMANDS:
+        _add(sub, command)
     return parser
 
 

@@ -1,0 +1,178 @@
+"""The ``moonjax train`` command line: flags -> :class:`TrainConfig` -> :func:`fit`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from moonjax.train._step import GRADS, MODES
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``moonjax train``."""
+    from moonjax.train._loop import TrainConfig
+
+    d = TrainConfig()
+    parser.add_argument(
+        "--grad",
+        choices=GRADS,
+        default=d.grad,
+        help=f"how gradients are computed (default: {d.grad})",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default=d.mode,
+        help=f"moonwalk_grad's phase-1 mode (default: {d.mode})",
+    )
+    parser.add_argument(
+        "--anchor-every",
+        type=_anchor,
+        default=None,
+        metavar="K|auto",
+        help="moonwalk, mixed mode: record an exact cotangent every K blocks "
+        "(or 'auto') so float32 rounding cannot grow through deep stacks; "
+        "use 'auto' from a depth of about 16 on (default: no anchors)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=d.epochs,
+        help=f"epochs in all, counting restored ones (default: {d.epochs})",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help=f"examples per step over all devices (default: {d.batch_size})",
+    )
+    parser.add_argument(
+        "--lr", type=float, default=d.lr, help=f"Adam learning rate (default: {d.lr:g})"
+    )
+    parser.add_argument(
+        "--depth",
+        type=int,
+        default=d.depth,
+        help=f"blocks in the invertible body (default: {d.depth})",
+    )
+    parser.add_argument(
+        "--hidden",
+        type=int,
+        default=d.hidden,
+        help=f"width of the coupling side networks (default: {d.hidden})",
+    )
+    parser.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="feature width of the body (default: the input's, made even)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help=f"initialisation and shuffling seed (default: {d.seed})",
+    )
+    parser.add_argument(
+        "--data",
+        metavar="PATH.npz",
+        default=None,
+        help="train on arrays x, y (optional x_test, y_test) of this file "
+        "instead of scikit-learn's digits",
+    )
+    parser.add_argument(
+        "--test-fraction",
+        type=float,
+        default=d.test_fraction,
+        help=f"held-out share when the data has no test split (default: {d.test_fraction})",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        default=None,
+        help="save parameters and optimizer state here after every epoch; "
+        "if a checkpoint is there, restore it and continue",
+    )
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="shard each batch over the first N devices (default: all)",
+    )
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first (multi-host; run the "
+        "same command on every host)",
+    )
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop after this many steps of this run (smoke tests)",
+    )
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        default=None,
+        help="also write the summary, the per-epoch history and every step's loss as JSON",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="print nothing")
+
+
+def _anchor(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return k
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run ``moonjax train`` for parsed flags; returns the exit status."""
+    # LAPACK (the dense vijp's solves) runs in OpenBLAS, whose spin-waiting worker
+    # threads fight XLA's on a small machine; one thread is much faster for small solves.
+    # It takes effect only if OpenBLAS is not loaded yet. Users can override it.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    import jax
+
+    from moonjax._src.errors import MoonjaxError
+    from moonjax.train._loop import TrainConfig, fit
+
+    if args.distributed:
+        jax.distributed.initialize()
+    try:
+        config = TrainConfig(
+            grad=args.grad,
+            mode=args.mode,
+            anchor_every=args.anchor_every,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            depth=args.depth,
+            hidden=args.hidden,
+            width=args.width,
+            seed=args.seed,
+            data=args.data,
+            test_fraction=args.test_fraction,
+            checkpoint=args.checkpoint,
+            devices=args.devices,
+            max_steps=args.max_steps,
+            verbose=not args.quiet,
+            progress=not args.no_progress,
+        )
+        result = fit(config)
+    except MoonjaxError as e:
+        print(f"moonjax train: error: {e}", file=sys.stderr)
+        return 2
+    if args.json and jax.process_index() == 0:
+        with open(args.json, "w") as f:
+            json.dump(result.summary(), f, indent=2)
+    return 0
