@@ -39,6 +39,7 @@ class Method:
         the parameter count); ``None`` for no limit.
       budget_search: whether the largest depth under the memory budget is searched
         for this method (not for methods whose limit is time, not memory).
+      cost: what its time grows with, said when ``max_params`` skips it.
     """
 
     name: str
@@ -46,6 +47,7 @@ class Method:
     build: Callable[[Model], GradFn]
     max_params: int | None = None
     budget_search: bool = True
+    cost: str = "one pass per parameter"
 
 
 def _backprop(model: Model) -> GradFn:
@@ -118,6 +120,7 @@ METHODS: dict[str, Method] = {
             _naive_forward,
             max_params=5000,
             budget_search=False,
+            cost="one JVP per entry of the input",
         ),
         Method(
             "moonwalk_mixed",
@@ -127,8 +130,11 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "moonwalk_forward",
-            "moonjax.moonwalk_grad(mode='forward'): forward-mode input cotangent, then the sweep",
+            "moonjax.moonwalk_grad(mode='forward'): forward-mode input cotangent (one JVP "
+            "per input entry), then the sweep; small models only",
             _moonwalk("forward"),
+            max_params=5000,
+            budget_search=False,
         ),
         Method(
             "moonwalk_reversible",

@@ -233,7 +233,7 @@ def _skipped_notes(results: Results) -> list[str]:
         depths = ", ".join(str(r.depth) for r in rs)
         limit = METHODS[method].max_params
         why = (
-            f"more than {limit:,} parameters (its cost is one pass per parameter)"
+            f"more than {limit:,} parameters (its cost: {METHODS[method].cost})"
             if limit is not None
             else rs[0].note
         )

@@ -300,7 +300,7 @@ def _measure_depth(config, model, methods, built, depth, width, batch, memories,
         limit = METHODS[meth].max_params
         if limit is not None and n_params > limit:
             row.status = "skipped"
-            row.note = f"{n_params:,} parameters > {limit:,} (one pass per parameter)"
+            row.note = f"{n_params:,} parameters > {limit:,} ({METHODS[meth].cost})"
             continue
         progress.step(f"{model.name} depth {depth}: compile {meth}")
         try:
