@@ -138,3 +138,88 @@ def test_fragment_memory_is_proportional_to_the_relu_layers():
     assert 0.9 * act_bytes <= relu_growth <= 2.1 * act_bytes  # a fragment per ReLU layer
     assert leaky_growth <= 0.3 * act_bytes  # sign masks only
     assert leaky_growth <= 0.5 * (mems["leaky", 64][1] - mems["leaky", 8][1])
+
+
+# -- forward mode with independent examples (batch_axis=0) -----------------------------
+
+
+def _scan_lengths(jaxpr) -> list[int]:
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            out.append(eqn.params["length"])
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    out += _scan_lengths(inner)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["additive", "affine", "leaky", "tanh"])
+def test_forward_batch_axis_matches_backprop_float64(kind):
+    for seed, depth, batch in [(0, 3, 5), (1, 6, 16), (2, 2, 1)]:
+        kp, kd = jax.random.split(jax.random.PRNGKey(seed))
+        params = PARAMS[kind](kp, depth, 6)
+        x, y = data(kd, batch, 6)
+        loss = classification_loss(scanned(LAYERS[kind]))
+        got = jax.jit(moonjax.moonwalk_grad(loss, (0, 1), mode="forward", batch_axis=0,
+                                            stream_argnums=1))(params, x, y)
+        assert rel_err(got, jax.grad(loss, (0, 1))(params, x, y)) <= TOL
+
+
+def test_forward_batch_axis_takes_one_jvp_per_feature_not_per_entry():
+    batch, width, depth = 16, 6, 5
+    params = PARAMS["leaky"](jax.random.PRNGKey(0), depth, width)
+    x, y = data(jax.random.PRNGKey(1), batch, width)
+    loss = classification_loss(scanned(LAYERS["leaky"]))
+    lengths = lambda **kw: _scan_lengths(jax.make_jaxpr(
+        moonjax.moonwalk_grad(loss, mode="forward", **kw))(params, x, y).jaxpr)
+    assert batch * width in lengths()  # one JVP per entry of the input
+    batched = lengths(batch_axis=0)
+    assert width in batched and batch * width not in batched
+    assert 2 * 4 in batched  # the independence probes: 2 * ceil(log2(16))
+
+
+def _mixing_loss(mix):
+    loss = classification_loss(scanned(LAYERS["leaky"]))
+    return lambda p, x, y: loss(p, mix(x), y)
+
+
+@pytest.mark.parametrize("mix", [
+    lambda x: jnp.roll(x, 1, axis=0),  # marker: mixes examples
+    lambda x: jnp.eye(8)[jnp.array([0, 2, 1, 3, 4, 5, 6, 7])] @ x,  # marker: mixes examples
+])
+def test_forward_batch_axis_with_mixed_examples_is_nan_or_an_error(mix):
+    params = PARAMS["leaky"](jax.random.PRNGKey(0), 3, 6)
+    x, y = data(jax.random.PRNGKey(1), 8, 6)
+    loss = _mixing_loss(mix)
+    got = moonjax.moonwalk_grad(loss, mode="forward", batch_axis=0)(params, x, y)
+    assert all(bool(jnp.all(jnp.isnan(g))) for g in jax.tree_util.tree_leaves(got))
+    # without the claim, forward mode is exact on the same loss
+    exact = moonjax.moonwalk_grad(loss, mode="forward")(params, x, y)
+    assert rel_err(exact, jax.grad(loss)(params, x, y)) <= TOL
+    with pytest.raises(moonjax.ArgumentError, match="not independent") as e:
+        moonjax.moonwalk_grad(loss, mode="forward", batch_axis=0, debug=True)(params, x, y)
+    # it names where the batch meets (roll: its own slices; the matmul: the loss head)
+    assert ".py:" in str(e.value) and "batch_axis" in str(e.value)
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"batch_axis": 0}, "option of mode='forward'"),
+    ({"batch_axis": 1, "mode": "forward"}, "batch_axis=1"),
+    ({"batch_axis": True, "mode": "forward"}, "batch_axis=True"),
+])
+def test_bad_batch_axis_is_an_argument_error(kw, match):
+    with pytest.raises(moonjax.ArgumentError, match=match):
+        moonjax.moonwalk_grad(lambda w, x: jnp.sum(x @ w), **kw)
+
+
+def test_batch_axis_needs_one_batch_size_across_inputs():
+    def loss(w, x1, x2):
+        return jnp.sum(jnp.tanh(x1 @ w)) + jnp.sum(jnp.tanh(x2 @ w))
+
+    w, x1, x2 = jnp.eye(3), jnp.ones((4, 3)), jnp.ones((5, 3))
+    with pytest.raises(moonjax.ArgumentError, match="same leading batch size"):
+        moonjax.moonwalk_grad(loss, stream_argnums=(1, 2), mode="forward",
+                              batch_axis=0)(w, x1, x2)

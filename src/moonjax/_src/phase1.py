@@ -7,7 +7,9 @@
   its final carry; going back, each layer's input is rebuilt from its output by
   inverting the layer (:mod:`moonjax._src.inverse`). Memory is flat in depth.
 * ``forward``: forward-mode JVPs, one per entry of the input, one at a time. Nothing is
-  stored; time grows with the size of the input.
+  stored; time grows with the size of the input. With independent examples
+  (``batch_axis=0``), one JVP per feature moves every example at once, and the loss
+  head (where examples meet) is differentiated in reverse mode.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 from jax import lax
 
 from moonjax._src import graph as G
+from moonjax._src.errors import ArgumentError, where
 from moonjax._src.inverse import invert
 from moonjax._src.scan import blocks, unblocks
 from moonjax._src.sweep import is_float, stream_dependence
@@ -150,6 +153,118 @@ def forward(graph, invals, stream_pos):
             return jax.jvp(lambda *v: f(*v)[0], stream_vals, tangents)[1]
 
         grads.append(lax.map(directional, jnp.arange(size)).reshape(np.shape(s)))
+    return outs, grads
+
+
+# how the ``debug`` check of ``batch_axis`` starts (it travels through a host callback)
+BATCH_MIXED = "moonjax: batch_axis=0, but the examples are not independent"
+
+
+def forward_batched(graph, invals, stream_pos, debug=False):
+    """``forward`` for independent examples along axis 0 of every stream input.
+
+    The *cut* is where the batch ends: the stream-dependent values with the batch as
+    their leading axis that feed an operation whose result is no longer per example
+    (the loss's mean, a contraction over the batch). Up to the cut, example ``b``'s
+    values depend on example ``b``'s input only, so one JVP with feature ``j`` of every
+    example moved at once gives ``∂cut[b]/∂x[b, j]`` for all ``b``; the cut's cotangent
+    comes from reverse mode over the head alone, and ``g[b, j]`` is their inner product.
+    Probe JVPs that move part of the batch check the claim: if a cut value of an example
+    that did not move changes, the gradient is NaN (``debug=True``: an error).
+    """
+    stream_vals = [invals[i] for i in stream_pos]
+    sizes = {np.shape(s)[0] if np.ndim(s) else None for s in stream_vals}
+    if len(sizes) != 1 or None in sizes:
+        raise ArgumentError(
+            "batch_axis=0 needs every network input to have the same leading batch "
+            f"size; got shapes {[tuple(np.shape(s)) for s in stream_vals]}")
+    (batch,) = sizes
+    dep = stream_dependence(graph, [i in stream_pos for i in range(len(invals))])
+    per_example = lambda v: (isinstance(v, G.Value) and id(v) in dep
+                             and tuple(v.aval.shape[:1]) == (batch,))
+    cut, seen, meets = [], set(), []
+    for node in graph.nodes:
+        ins = [a for a in node.inputs if isinstance(a, G.Value) and id(a) in dep]
+        if not ins or (all(map(per_example, ins)) and all(map(per_example, node.outputs))):
+            continue
+        meets.append(node)
+        for a in ins:
+            if per_example(a) and id(a) not in seen:
+                cut.append(a)
+                seen.add(id(a))
+
+    def run(*stream_in, cut_in=None):
+        vals = list(invals)
+        for i, s in zip(stream_pos, stream_in):
+            vals[i] = s
+        env = {}
+
+        def bind(node, args):
+            outs = node.bind(*args)
+            if cut_in is not None:  # the head's view: the cut values come from outside
+                outs = [cut_in.get(id(o), x) for o, x in zip(node.outputs, outs)]
+            env.update((id(o), x) for o, x in zip(node.outputs, outs))
+            return outs
+
+        if cut_in is not None:
+            vals = [cut_in.get(id(v), x) for v, x in zip(graph.invars, vals)]
+        env.update((id(v), x) for v, x in zip(graph.invars, vals))
+        outs = evaluate(graph, vals, bind)
+        return outs, [env[id(c)] for c in cut]
+
+    outs, cut_vals = run(*stream_vals)
+    if not cut:
+        return outs, [jnp.zeros_like(s) for s in stream_vals]
+    _, head_pullback = jax.vjp(
+        lambda *cv: run(*stream_vals, cut_in=dict(zip(map(id, cut), cv)))[0][0], *cut_vals)
+    cut_cts = head_pullback(jnp.ones_like(outs[0]))
+
+    def cut_tangents(tangents):
+        return jax.jvp(lambda *v: run(*v)[1], stream_vals, tangents)[1]
+
+    def per_example_dot(ts):
+        return sum(jnp.sum((c * t).reshape(batch, -1), -1) for c, t in zip(cut_cts, ts)
+                   if c is not None and jnp.issubdtype(c.dtype, jnp.inexact))
+
+    # the probes: move the examples whose index has bit k set (then clear), in a fixed
+    # generic direction; a value of any other example that moves is exact evidence of
+    # mixing, and 2 * ceil(log2 batch) probes separate every pair of examples
+    rng = np.random.default_rng(0)
+    direction = [jnp.asarray(rng.standard_normal(np.shape(s)), jnp.result_type(s))
+                 for s in stream_vals]
+    bits = max(int(batch - 1).bit_length(), 0)
+
+    def probe(kb):
+        moved = ((jnp.arange(batch) >> (kb // 2)) & 1) == (kb % 2)
+        mask = lambda a, m: jnp.where(m.reshape((batch,) + (1,) * (a.ndim - 1)), a, 0)
+        ts = cut_tangents([mask(d, moved) for d in direction])
+        return sum(jnp.sum(jnp.abs(mask(t, ~moved))) for t in ts
+                   if jnp.issubdtype(t.dtype, jnp.inexact))
+
+    leak = jnp.sum(lax.map(probe, jnp.arange(2 * bits))) if bits else 0.0
+    independent = leak == 0
+    if debug:
+        msg = (f"{BATCH_MIXED}: moving some examples of the input changed other "
+               f"examples' values before the batch meets at {where(meets[0].source_info)}; "
+               "drop batch_axis (one JVP per input entry) or use mode='mixed'")
+
+        def check(ok):
+            if not bool(ok):
+                raise FloatingPointError(msg)
+
+        jax.debug.callback(check, independent)
+    grads = []
+    for k, s in enumerate(stream_vals):
+        shape, features = np.shape(s), math.prod(np.shape(s)[1:])
+
+        def directional(j, k=k, s=s, shape=shape, features=features):
+            tangents = [jnp.zeros_like(t) for t in stream_vals]
+            e_j = jax.nn.one_hot(j, features, dtype=jnp.result_type(s))
+            tangents[k] = jnp.broadcast_to(e_j, (batch, features)).reshape(shape)
+            return per_example_dot(cut_tangents(tangents))
+
+        g = lax.map(directional, jnp.arange(features)).T.reshape(shape)
+        grads.append(jnp.where(independent, g, jnp.nan).astype(s.dtype))
     return outs, grads
 
 

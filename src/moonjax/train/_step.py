@@ -73,7 +73,8 @@ def make_train_step(
         :func:`moonjax.models.classifier_loss`.
       optimizer: an optax transformation, e.g. ``optax.adam(1e-3)``.
       grad: ``"moonwalk"`` or ``"backprop"``.
-      mode: phase-1 mode passed to :func:`moonjax.moonwalk_grad` (``grad="moonwalk"``).
+      mode: phase-1 mode passed to :func:`moonjax.moonwalk_grad` (``grad="moonwalk"``);
+        ``"forward"`` runs with ``batch_axis=0`` (examples are independent).
       anchor_every: passed to :func:`moonjax.moonwalk_grad` (``grad="moonwalk"``): record
         an exact cotangent every ``k`` layers (or ``"auto"``) so float32 rounding cannot
         grow through deep stacks.
@@ -100,7 +101,11 @@ def make_train_step(
     if grad not in GRADS:
         raise ConfigError(f"grad must be one of {GRADS}; got {grad!r}")
     if grad == "moonwalk":
-        value_and_grad = moonjax.moonwalk_value_and_grad(loss, mode=mode, anchor_every=anchor_every)
+        # examples are independent along the batch axis, as data parallelism assumes:
+        # forward mode then needs one JVP per feature, not one per input entry
+        value_and_grad = moonjax.moonwalk_value_and_grad(
+            loss, mode=mode, anchor_every=anchor_every,
+            batch_axis=0 if mode == "forward" else None)
     else:
         value_and_grad = jax.value_and_grad(loss)
 
