@@ -39,13 +39,16 @@ class Method:
         the parameter count); ``None`` for no limit.
       budget_search: whether the largest depth under the memory budget is searched
         for this method (not for methods whose limit is time, not memory).
-      cost: what its time grows with, said when ``max_params`` skips it.
+      max_features: skip the method when one example's input has more entries than
+        this (its cost grows with them); ``None`` for no limit.
+      cost: what its time grows with, said when a limit skips it.
     """
 
     name: str
     summary: str
     build: Callable[[Model], GradFn]
     max_params: int | None = None
+    max_features: int | None = None
     budget_search: bool = True
     cost: str = "one pass per parameter"
 
@@ -86,10 +89,10 @@ def _naive_forward(model: Model) -> GradFn:
     return naive_forward_grad(make_loss(model, "plain"))
 
 
-def _moonwalk(mode: str) -> Callable[[Model], GradFn]:
+def _moonwalk(mode: str, **options) -> Callable[[Model], GradFn]:
     def build(model: Model) -> GradFn:
         try:
-            return moonjax.moonwalk_grad(make_loss(model, "plain"), mode=mode)
+            return moonjax.moonwalk_grad(make_loss(model, "plain"), mode=mode, **options)
         except (ValueError, moonjax.ArgumentError) as e:
             raise MethodUnavailable(
                 f"moonjax {moonjax.__version__} has no mode={mode!r} ({e})"
@@ -120,7 +123,6 @@ METHODS: dict[str, Method] = {
             _naive_forward,
             max_params=5000,
             budget_search=False,
-            cost="one JVP per entry of the input",
         ),
         Method(
             "moonwalk_mixed",
@@ -130,11 +132,11 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "moonwalk_forward",
-            "moonjax.moonwalk_grad(mode='forward'): forward-mode input cotangent (one JVP "
-            "per input entry), then the sweep; small models only",
-            _moonwalk("forward"),
-            max_params=5000,
-            budget_search=False,
+            "moonjax.moonwalk_grad(mode='forward', batch_axis=0): forward-mode input "
+            "cotangent (one JVP per input feature), then the sweep; narrow inputs only",
+            _moonwalk("forward", batch_axis=0),
+            max_features=128,
+            cost="one JVP per input feature",
         ),
         Method(
             "moonwalk_reversible",

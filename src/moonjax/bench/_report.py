@@ -235,7 +235,7 @@ def _skipped_notes(results: Results) -> list[str]:
         why = (
             f"more than {limit:,} parameters (its cost: {METHODS[method].cost})"
             if limit is not None
-            else rs[0].note
+            else rs[0].note  # it says which limit and why
         )
         notes.append(f"{method} not run on {model} at depth {depths}: {why}")
     return notes

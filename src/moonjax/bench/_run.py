@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
 import platform
 from collections.abc import Callable
@@ -260,11 +261,18 @@ def run(config: BenchConfig, progress=None) -> Results:
             )
             progress.advance(f"{mname} depth {depth}: measured")
 
+    skipped = {(r.model, r.method): r.note for r in rows if r.status == "skipped"}
     for mname in config.models:
         model = MODELS[mname]
         for meth in methods:
             method = METHODS[meth]
             fn = built[mname, meth]
+            if (mname, meth) in skipped and not memories.get((mname, meth)):
+                limits.append(Limit(mname, meth, "skipped",
+                                    note=f"not searched: {skipped[mname, meth]}"))
+                if method.budget_search:  # counted in the progress total
+                    progress.advance(f"{mname} / {meth}: not searched")
+                continue
             if not method.budget_search:
                 limits.append(
                     Limit(
@@ -297,10 +305,16 @@ def _measure_depth(config, model, methods, built, depth, width, batch, memories,
         row = Row(model.name, meth, depth, width, batch, n_params, "ok")
         out[meth] = row
         fn = built[model.name, meth]
-        limit = METHODS[meth].max_params
-        if limit is not None and n_params > limit:
+        method = METHODS[meth]
+        features = math.prod(np.shape(x)[1:])
+        if method.max_params is not None and n_params > method.max_params:
             row.status = "skipped"
-            row.note = f"{n_params:,} parameters > {limit:,} ({METHODS[meth].cost})"
+            row.note = f"{n_params:,} parameters > {method.max_params:,} ({method.cost})"
+            continue
+        if method.max_features is not None and features > method.max_features:
+            row.status = "skipped"
+            row.note = (f"{features:,} input features per example > {method.max_features:,} "
+                        f"({method.cost})")
             continue
         progress.step(f"{model.name} depth {depth}: compile {meth}")
         try:
