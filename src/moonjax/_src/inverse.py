@@ -18,6 +18,7 @@ from jax import lax
 from moonjax._src import graph as G
 from moonjax._src.errors import NotSubmersiveError, equation_error
 from moonjax._src.rules import elementwise_rules
+from moonjax._src.rules.linear import solve_right
 
 NEWTON_STEPS = 3
 
@@ -92,7 +93,7 @@ def _dot_general(node, pos, y, invals):
         nw = y.ndim - nm
         y = jnp.transpose(y, list(range(nw, nw + nm)) + list(range(nw)))
     ym = y.reshape(-1, k)
-    xm = jnp.linalg.solve(wm.T.astype(ym.dtype), ym.T).T  # x_mat @ wm = y_mat
+    xm = solve_right(wm.astype(ym.dtype), ym, transpose=False)  # x_mat @ wm = y_mat
     perm = x_free + xc
     x_t = xm.reshape(m_shape + [x_aval.shape[d] for d in xc])
     return jnp.transpose(x_t, [perm.index(i) for i in range(len(perm))])

@@ -14,9 +14,25 @@ import math
 
 import jax.numpy as jnp
 from jax import lax
+from jax.lax.linalg import triangular_solve
 from jax.scipy.linalg import solve_triangular
 
 from moonjax._src.rules import VijpRule, ct_dtype, vijp_rules
+
+
+def solve_right(w, b, *, transpose: bool):
+    """``b W⁻¹`` (``b W⁻ᵀ`` with ``transpose``) for a square ``W``: one LU factorisation
+    with partial pivoting and two triangular solves from the right, so the right-hand
+    sides stay rows (no transposes) and no inverse is ever formed."""
+    lu, _, perm = lax.linalg.lu(w)  # W[perm] = L U, i.e. W = Pᵀ L U
+    if transpose:  # x Wᵀ = b  <=>  x Uᵀ Lᵀ = b Pᵀ = b[:, perm]
+        t = triangular_solve(lu, b[:, perm], left_side=False, lower=True, transpose_a=True,
+                             unit_diagonal=True)
+        return triangular_solve(lu, t, left_side=False, lower=False, transpose_a=True)
+    # x W = b  <=>  (x Pᵀ) L U = b: solve against U, then L, then undo the permutation
+    s = triangular_solve(lu, b, left_side=False, lower=False)
+    u = triangular_solve(lu, s, left_side=False, lower=True, unit_diagonal=True)
+    return u[:, jnp.argsort(perm)]
 
 
 def _layout(node, pos):
@@ -61,7 +77,7 @@ def _vijp(node, positions, g_ins, invals):
     # W as (K, N).
     wm = jnp.transpose(w, wc + w_free).reshape(k, n).astype(g.dtype)
     if n == k:
-        g_y = jnp.linalg.solve(wm, g.T).T
+        g_y = solve_right(wm, g, transpose=True)  # g_y Wᵀ = g
     else:
         q, r = jnp.linalg.qr(wm)  # wm = q r, q: (K, N), r: (N, N)
         g_y = solve_triangular(r, (g @ q).T, lower=False).T
