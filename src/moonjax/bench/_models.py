@@ -103,14 +103,22 @@ def _revnet_side(p, x1):
     return jnp.tanh(x1 @ p["w1"] + p["b1"]) @ p["w2"]
 
 
-def _revnet_layer(p, h):
-    x1, x2 = jnp.split(h, 2, -1)
-    return jnp.concatenate([x2 + _revnet_side(p, x1), x1], -1)
+def _additive_coupling(side):
+    """``(layer, inverse)`` of the coupling ``y = [x2 + side(p, x1), x1]`` on channel
+    halves (the last axis)."""
+
+    def layer(p, h):
+        x1, x2 = jnp.split(h, 2, -1)
+        return jnp.concatenate([x2 + side(p, x1), x1], -1)
+
+    def inverse(p, y):
+        a, x1 = jnp.split(y, 2, -1)
+        return jnp.concatenate([x1, a - side(p, x1)], -1)
+
+    return layer, inverse
 
 
-def _revnet_inverse(p, y):
-    a, x1 = jnp.split(y, 2, -1)
-    return jnp.concatenate([x1, a - _revnet_side(p, x1)], -1)
+_revnet_layer, _revnet_inverse = _additive_coupling(_revnet_side)
 
 
 # A training-sized batch: at batch 64 a 64-wide layer's parameters and their gradients
@@ -186,14 +194,7 @@ def _conv_side(p, x1):
     return _conv(jnp.tanh(_conv(x1, p["k1"]) + p["b1"]), p["k2"])
 
 
-def _conv_layer(p, h):
-    x1, x2 = jnp.split(h, 2, -1)
-    return jnp.concatenate([x2 + _conv_side(p, x1), x1], -1)
-
-
-def _conv_inverse(p, y):
-    a, x1 = jnp.split(y, 2, -1)
-    return jnp.concatenate([x1, a - _conv_side(p, x1)], -1)
+_conv_layer, _conv_inverse = _additive_coupling(_conv_side)
 
 
 CONV_REVNET = Model(
