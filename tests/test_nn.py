@@ -38,22 +38,6 @@ def rngs(seed: int) -> nnx.Rngs:
     return nnx.Rngs(jax.random.key(seed, impl="rbg"))
 
 
-def grads_match(loss, params, x, y, *, rtol=1e-8, atol=1e-10):
-    """Assert ``moonjax.moonwalk_grad(loss)`` equals ``jax.grad(loss)`` (both jitted).
-
-    ``loss(params, x, y)``: ``params`` (argnums=0) is differentiated, ``x`` and ``y`` are
-    the stream. Skips while the core transform is not available.
-    """
-    moonwalk = getattr(moonjax, "moonwalk_grad", None)
-    if moonwalk is None:
-        pytest.skip("moonjax.moonwalk_grad is not implemented yet")
-    got = jax.jit(moonwalk(loss, argnums=0))(params, x, y)
-    expected = jax.jit(jax.grad(loss))(params, x, y)
-    assert jax.tree.structure(got) == jax.tree.structure(expected)
-    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
-        np.testing.assert_allclose(g, e, rtol=rtol, atol=atol)
-
-
 def randomize(state, seed, scale=0.2):
     """``state`` with every parameter moved by ``scale * N(0, 1)`` (off the identity init).
 
@@ -293,18 +277,23 @@ def test_param_and_input_grads_match_finite_differences(name, seed):
     np.testing.assert_allclose(analytic, finite_difference, rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_moonwalk_grad_matches_jax_grad(name):
-    graphdef, params = build(name, 0)
-    shape = CASES[name][1][0]
-    x = data(shape, 1)
-    target = data(jax.eval_shape(nnx.merge(graphdef, params), x).shape, 2)
+@pytest.mark.parametrize("seed", SEEDS[:2])
+@pytest.mark.parametrize(("name", "shape"), SHAPE_CASES)
+def test_moonwalk_param_and_input_grads_match_jax_grad(name, shape, seed):
+    graphdef, params = build(name, seed)
+    x = data(shape, 1 + 10 * seed)
+    target = data(jax.eval_shape(nnx.merge(graphdef, params), x).shape, 2 + 10 * seed)
 
     def loss(params, x, y):
         model = nnx.merge(graphdef, params)
         return jnp.sum(jnp.tanh(model(x)) * y)
 
-    grads_match(loss, params, x, target)
+    got = jax.jit(moonjax.moonwalk_grad(loss, argnums=(0, 1), stream_argnums=1))(
+        params, x, target)
+    expected = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x, target)
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-9, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- errors
