@@ -46,6 +46,11 @@ def is_float(aval) -> bool:
     return hasattr(aval, "dtype") and jnp.issubdtype(aval.dtype, jnp.inexact)
 
 
+def _float_bytes(node) -> int:
+    """Bytes of ``node``'s float outputs: what recording their cotangents stores."""
+    return sum(o.aval.size * o.aval.dtype.itemsize for o in node.outputs if is_float(o.aval))
+
+
 def _zeros(aval):
     if is_float(aval):
         return jnp.zeros(aval.shape, aval.dtype)
@@ -453,9 +458,7 @@ class _Sweep:
         out_cts = self._fragment(node)
         if out_cts is None:
             return False
-        nbytes = sum(o.aval.size * o.aval.dtype.itemsize for o in node.outputs
-                     if is_float(o.aval))
-        _report("fragment", [node], "recorded output cotangent", nbytes)
+        _report("fragment", [node], "recorded output cotangent", _float_bytes(node))
         contributions = self._pull(node, out_cts)
         self._resolve(node, contributions, skip={id(v)})
         for o, c in zip(node.outputs, out_cts):
@@ -732,17 +735,10 @@ class _Sweep:
             node = v.producer
             if node is None or id(node) not in self.evaluated or id(node) in self.resolved:
                 continue
-            if isinstance(self.fragments, Collect):
-                self.fragments[node.index] = [o.aval if is_float(o.aval) else None
-                                              for o in node.outputs]
-                cts = [_zeros(o.aval) if is_float(o.aval) else None for o in node.outputs]
-            elif node.index in self.fragments:
-                cts = self.fragments[node.index]
-            else:
+            cts = self._fragment(node)
+            if cts is None:
                 continue
-            nbytes = sum(o.aval.size * o.aval.dtype.itemsize for o in node.outputs
-                         if is_float(o.aval))
-            _report("fragment", [node], "recorded block output cotangent", nbytes)
+            _report("fragment", [node], "recorded block output cotangent", _float_bytes(node))
             for o, c in zip(node.outputs, cts):
                 if c is not None and id(o) not in self.ct:
                     self.set_known(o, c)
