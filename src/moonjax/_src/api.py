@@ -151,8 +151,9 @@ def moonwalk_value_and_grad(
       batch_axis: in ``"forward"`` mode, ``0`` declares that the examples along axis 0
         of the network input are independent until the loss reduces over them (no
         batch norm, no attention across the batch). Phase 1 then takes one JVP per
-        feature instead of one per entry: ``batch`` times fewer. A probe JVP checks the
-        claim; if it fails the gradient is NaN (with ``debug``, an ``ArgumentError``).
+        feature instead of one per entry: ``batch`` times fewer. ``2 ⌈log₂ batch⌉`` probe
+        JVPs check the claim; if it fails the gradient is NaN (with ``debug``, an
+        ``ArgumentError``).
       debug: raise :class:`moonjax.NonFiniteCotangentError` if a swept cotangent is
         NaN/Inf (a singular weight), like ``jax_debug_nans``, naming the primitive and
         the source line. The call then waits for its result; under an outer
