@@ -15,18 +15,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from moonjax.train._loop import TrainConfig
 
     d = TrainConfig()
-    parser.add_argument(
-        "--grad",
-        choices=GRADS,
-        default=d.grad,
-        help=f"how gradients are computed (default: {d.grad})",
-    )
-    parser.add_argument(
-        "--mode",
-        choices=MODES,
-        default=d.mode,
-        help=f"moonwalk_grad's phase-1 mode (default: {d.mode})",
-    )
+
+    def option(flag: str, text: str, **kind) -> None:
+        """A flag whose default is :class:`TrainConfig`'s field of the same name."""
+        default = getattr(d, flag.lstrip("-").replace("-", "_"))
+        shown = f"{default:g}" if isinstance(default, float) else default
+        parser.add_argument(flag, default=default, help=f"{text} (default: {shown})", **kind)
+
+    option("--grad", "how gradients are computed", choices=GRADS)
+    option("--mode", "moonwalk_grad's phase-1 mode (forward: one JVP per feature)", choices=MODES)
     parser.add_argument(
         "--anchor-every",
         type=_anchor,
@@ -36,45 +33,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(or 'auto') so float32 rounding cannot grow through deep stacks; "
         "use 'auto' from a depth of about 16 on (default: no anchors)",
     )
-    parser.add_argument(
-        "--epochs",
-        type=int,
-        default=d.epochs,
-        help=f"epochs in all, counting restored ones (default: {d.epochs})",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=d.batch_size,
-        help=f"examples per step over all devices (default: {d.batch_size})",
-    )
-    parser.add_argument(
-        "--lr", type=float, default=d.lr, help=f"Adam learning rate (default: {d.lr:g})"
-    )
-    parser.add_argument(
-        "--depth",
-        type=int,
-        default=d.depth,
-        help=f"blocks in the invertible body (default: {d.depth})",
-    )
-    parser.add_argument(
-        "--hidden",
-        type=int,
-        default=d.hidden,
-        help=f"width of the coupling side networks (default: {d.hidden})",
-    )
+    option("--epochs", "epochs in all, counting restored ones", type=int)
+    option("--batch-size", "examples per step over all devices", type=int)
+    option("--lr", "Adam learning rate", type=float)
+    option("--depth", "blocks in the invertible body", type=int)
+    option("--hidden", "width of the coupling side networks", type=int)
     parser.add_argument(
         "--width",
         type=int,
         default=None,
         help="feature width of the body (default: the input's, made even)",
     )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=d.seed,
-        help=f"initialisation and shuffling seed (default: {d.seed})",
-    )
+    option("--seed", "initialisation and shuffling seed", type=int)
     parser.add_argument(
         "--data",
         metavar="PATH.npz",
@@ -82,12 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train on arrays x, y (optional x_test, y_test) of this file "
         "instead of scikit-learn's digits",
     )
-    parser.add_argument(
-        "--test-fraction",
-        type=float,
-        default=d.test_fraction,
-        help=f"held-out share when the data has no test split (default: {d.test_fraction})",
-    )
+    option("--test-fraction", "held-out share when the data has no test split", type=float)
     parser.add_argument(
         "--checkpoint",
         metavar="DIR",
