@@ -182,10 +182,13 @@ def forward_batched(graph, invals, stream_pos, debug=False):
     dep = stream_dependence(graph, [i in stream_pos for i in range(len(invals))])
     per_example = lambda v: (isinstance(v, G.Value) and id(v) in dep
                              and tuple(v.aval.shape[:1]) == (batch,))
-    cut, seen, meets = [], set(), []
+    cut, seen, meets, region = [], set(), [], set()
     for node in graph.nodes:
         ins = [a for a in node.inputs if isinstance(a, G.Value) and id(a) in dep]
-        if not ins or (all(map(per_example, ins)) and all(map(per_example, node.outputs))):
+        if not ins:
+            continue
+        if all(map(per_example, ins)) and all(map(per_example, node.outputs)):
+            region.add(id(node))  # still per example
             continue
         meets.append(node)
         for a in ins:
@@ -200,9 +203,14 @@ def forward_batched(graph, invals, stream_pos, debug=False):
         env = {}
 
         def bind(node, args):
-            outs = node.bind(*args)
-            if cut_in is not None:  # the head's view: the cut values come from outside
-                outs = [cut_in.get(id(o), x) for o, x in zip(node.outputs, outs)]
+            if cut_in is not None and id(node) in region:
+                # the head's view: the cut values come from outside, and the rest of the
+                # per-example region feeds only the region, so it is not evaluated again
+                outs = [cut_in.get(id(o)) for o in node.outputs]
+            else:
+                outs = node.bind(*args)
+                if cut_in is not None:
+                    outs = [cut_in.get(id(o), x) for o, x in zip(node.outputs, outs)]
             env.update((id(o), x) for o, x in zip(node.outputs, outs))
             return outs
 
@@ -232,7 +240,7 @@ def forward_batched(graph, invals, stream_pos, debug=False):
     rng = np.random.default_rng(0)
     direction = [jnp.asarray(rng.standard_normal(np.shape(s)), jnp.result_type(s))
                  for s in stream_vals]
-    bits = max(int(batch - 1).bit_length(), 0)
+    bits = (batch - 1).bit_length()
 
     def probe(kb):
         moved = ((jnp.arange(batch) >> (kb // 2)) & 1) == (kb % 2)
