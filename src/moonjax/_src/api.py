@@ -14,9 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from moonjax._src import graph as G
+from moonjax._src import drift as D
 from moonjax._src.errors import (
+    DRIFT_MARKER,
     NON_FINITE,
     ArgumentError,
+    DriftError,
     LossShapeError,
     NonFiniteCotangentError,
     NotSubmersiveError,
@@ -26,7 +29,7 @@ from moonjax._src.errors import (
 from moonjax._src.phase1 import BATCH_MIXED, anchor_plan, forward_batched, mixed_with_probes
 from moonjax._src.phase1 import MODES as PHASE1
 from moonjax._src.rules import VijpRule
-from moonjax._src.sweep import REPORT, Collect, sweep
+from moonjax._src.sweep import REPORT, SHIFTS, Collect, sweep
 
 MODES = ("mixed", "reversible", "forward")
 
@@ -49,17 +52,20 @@ def _normalize_argnums(argnums, nargs: int, name: str) -> tuple[int, ...]:
     return tuple(a % nargs for a in argnums)
 
 
-def _non_finite_as_error(run, dynamic):
-    """``debug=True``: run, wait for the result, and turn the sweep's NaN/Inf check (a
-    host callback that raises) into :class:`NonFiniteCotangentError`. Under an outer
-    ``jax.jit`` the same message arrives inside JAX's runtime error."""
+def _checked_at_call(run, dynamic):
+    """Run, wait for the result, and turn the run-time checks (host callbacks that
+    raise: the drift check, ``debug``'s NaN/Inf and ``batch_axis`` checks) into
+    :class:`DriftError`, :class:`NonFiniteCotangentError` or :class:`ArgumentError` at
+    the caller's line. Under an outer ``jax.jit`` nothing waits: the same message
+    arrives inside JAX's ``JaxRuntimeError`` when the result is used."""
     try:
         out = run(*dynamic)
         if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(out)):
             return out
         return jax.block_until_ready(out)
     except jax.errors.JaxRuntimeError as e:
-        for marker, cls in ((NON_FINITE, NonFiniteCotangentError), (BATCH_MIXED, ArgumentError)):
+        for marker, cls in ((DRIFT_MARKER, DriftError), (NON_FINITE, NonFiniteCotangentError),
+                            (BATCH_MIXED, ArgumentError)):
             found = re.search(re.escape(marker) + r"[^\n]*", str(e))
             if found is not None:
                 raise cls(found.group(0)) from None
@@ -109,8 +115,10 @@ def moonwalk_value_and_grad(
     stream_argnums: int | Sequence[int] | None = None,
     mode: str = "mixed",
     fragments: bool = True,
-    anchor_every: int | str | None = None,
+    anchor_every: int | str | None = "auto",
     batch_axis: int | None = None,
+    drift_tol: float | None = None,
+    on_drift: str = "raise",
     debug: bool = False,
 ) -> Callable:
     """Like :func:`jax.value_and_grad`, computed by Moonwalk.
@@ -178,6 +186,10 @@ def moonwalk_value_and_grad(
             not isinstance(anchor_every, int) or anchor_every < 1):
         raise ArgumentError(f"anchor_every must be a positive int, 'auto' or None, got "
                             f"{anchor_every!r}")
+    if on_drift not in ("raise", "nan"):
+        raise ArgumentError(f"on_drift must be 'raise' or 'nan', got {on_drift!r}")
+    if drift_tol is not None and not (isinstance(drift_tol, (int, float)) and drift_tol > 0):
+        raise ArgumentError(f"drift_tol must be a positive number or None, got {drift_tol!r}")
     if batch_axis is not None and (mode != "forward" or batch_axis != 0
                                    or isinstance(batch_axis, bool)):
         raise ArgumentError(
@@ -185,13 +197,14 @@ def moonwalk_value_and_grad(
             "axis 0 of the input are independent) is an option of mode='forward'; the "
             "other modes need no such hint")
 
-    @functools.partial(jax.jit, static_argnums=0)
-    def compiled(static, *dynamic):
-        return _moonwalk(fun, has_aux, mode, fragments, static.anchors, debug, static, dynamic,
-                         batch_axis)
+    def checked(static, *dynamic):
+        value, grads, (drifts, amplifiers) = _moonwalk(
+            fun, has_aux, mode, fragments, static.anchors, debug, static, dynamic, batch_axis)
+        return value, D.guard(grads, drifts, amplifiers, static.drift_tol, on_drift)
 
-    @functools.wraps(fun)
-    def value_and_grad_fn(*args, **kwargs):
+    compiled = jax.jit(checked, static_argnums=0)
+
+    def prepare(args, kwargs):
         nargs = len(args)
         diff = _normalize_argnums(argnums, nargs, "argnums")
         if stream_argnums is None:
@@ -226,20 +239,33 @@ def moonwalk_value_and_grad(
         is_dynamic = [_dtype(leaf) is not None for leaf in flat]
         static_leaves = tuple((j, leaf) for j, leaf in enumerate(flat) if not is_dynamic[j])
         anchors = anchor_every
-        if anchor_every is None and any(_dtype(flat[j]).itemsize < 4 for j in stream_flat):
-            anchors = "auto"  # 16-bit models: the sweep's error growth starts at ~1e-3
+        tol = drift_tol if drift_tol is not None else min(
+            D.tolerance(_dtype(flat[j])) for j in stream_flat)
         static = _Static(tuple(treedefs), offsets, diff, stream_flat, params_flat,
-                         static_leaves, isinstance(argnums, int), anchors)
+                         static_leaves, isinstance(argnums, int), anchors, float(tol))
         dynamic = [leaf for j, leaf in enumerate(flat) if is_dynamic[j]]
+        return static, dynamic
+
+    @functools.wraps(fun)
+    def value_and_grad_fn(*args, **kwargs):
+        static, dynamic = prepare(args, kwargs)
         try:
             hash(static)
         except TypeError:  # unhashable non-array arguments: run without the cache
-            run = functools.partial(_moonwalk, fun, has_aux, mode, fragments, static.anchors,
-                                    debug, static, batch_axis=batch_axis)
+            run = functools.partial(checked, static)
         else:
             run = functools.partial(compiled, static)
-        return _non_finite_as_error(run, dynamic) if debug else run(*dynamic)
+        return _checked_at_call(run, dynamic) if debug or on_drift == "raise" else run(*dynamic)
 
+    def drifts(*args, **kwargs):
+        """``(grads, [(Meeting, drift)], amplifying steps, tolerance)``, unchecked and
+        eager: what ``moonjax.fidelity`` and ``moonjax.check`` report."""
+        static, dynamic = prepare(args, kwargs)
+        _, grads, (found, amplifiers) = _moonwalk(
+            fun, has_aux, mode, fragments, static.anchors, debug, static, dynamic, batch_axis)
+        return grads, [(m, float(d)) for m, d in found], amplifiers, static.drift_tol
+
+    value_and_grad_fn.drifts = drifts
     return value_and_grad_fn
 
 
@@ -247,17 +273,22 @@ def moonwalk_value_and_grad(
 # with a weight (error can grow layer by layer) are anchored every AUTO_ANCHOR steps;
 # volume-preserving ones (additive couplings, shifts, moves) are not anchored.
 AUTO_ANCHOR = 2
-_SHIFTS = {"add", "sub", "neg", "copy", "convert_element_type", "ge", "gt", "le", "lt",
-           "eq", "ne"}
 
 
 def _amplifies(step) -> bool:
     for s in step.inner:
         if s.kind == "spine" and any(n.primitive.name == "dot_general" for n in s.nodes):
             return True
-        if s.kind == "region" and any(n.primitive.name not in _SHIFTS for n in s.nodes):
+        if s.kind == "region" and any(n.primitive.name not in SHIFTS for n in s.nodes):
             return True
     return False
+
+
+def _auto_anchors(graph, stream_pos, steps) -> dict:
+    """``anchor_every="auto"``: the loops whose swept body amplifies rounding."""
+    return {i: kp for i, kp in anchor_plan(graph, stream_pos, AUTO_ANCHOR).items()
+            if any(s.kind == "scan" and s.nodes[0].index == i and _amplifies(s)
+                   for s in steps)}
 
 
 class _NeedsRecords(Exception):
@@ -273,6 +304,7 @@ class _Static(NamedTuple):
     static_leaves: tuple
     single: bool
     anchors: int | str | None
+    drift_tol: float
 
 
 def _dtype(leaf):
@@ -367,12 +399,11 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
         steps = []
         token = REPORT.set(steps if anchor_every == "auto" and mode == "mixed" else None)
         try:
-            _, _, in_cts = run_sweep({pos[j]: g for j, g in zip(static.stream, g_stream)})
+            with D.measuring() as measured:
+                _, _, in_cts = run_sweep({pos[j]: g for j, g in zip(static.stream, g_stream)})
         finally:
             REPORT.reset(token)
-        plan = {i: kp for i, kp in anchor_plan(graph, stream_pos, AUTO_ANCHOR).items()
-                if any(s.kind == "scan" and s.nodes[0].index == i and _amplifies(s)
-                       for s in steps)}
+        plan = _auto_anchors(graph, stream_pos, steps)
         if plan:
             raise _NeedsRecords
     except (NotSubmersiveError, UnsupportedPrimitiveError, SpineStructureError,
@@ -385,11 +416,19 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
         collected = Collect()
         if fragments:
             zeros = {pos[j]: jnp.zeros_like(g) for j, g in zip(static.stream, g_stream)}
-            run_sweep(zeros, fragments=collected)
+            steps = []
+            token = REPORT.set(steps if anchor_every == "auto" and mode == "mixed" else None)
+            try:
+                run_sweep(zeros, fragments=collected)
+            finally:
+                REPORT.reset(token)
+            if anchor_every == "auto" and not plan:
+                plan = _auto_anchors(graph, stream_pos, steps)
         outs, g_stream, recorded = mixed_with_probes(graph, invals, stream_pos, collected, plan)
         loss = outs[0]
-        _, _, in_cts = run_sweep({pos[j]: g for j, g in zip(static.stream, g_stream)},
-                                 fragments=recorded)
+        with D.measuring() as measured:
+            _, _, in_cts = run_sweep({pos[j]: g for j, g in zip(static.stream, g_stream)},
+                                     fragments=recorded)
     stream_ct = dict(zip(static.stream, g_stream))
     grads = []
     for i in static.diff:
@@ -400,7 +439,7 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
         grads.append(jax.tree_util.tree_unflatten(treedefs[i], gl))
     grads = grads[0] if static.single else tuple(grads)
     value = (loss, aux) if has_aux else loss
-    return value, grads
+    return value, grads, measured
 
 
 def moonwalk_grad(
@@ -411,8 +450,10 @@ def moonwalk_grad(
     stream_argnums: int | Sequence[int] | None = None,
     mode: str = "mixed",
     fragments: bool = True,
-    anchor_every: int | str | None = None,
+    anchor_every: int | str | None = "auto",
     batch_axis: int | None = None,
+    drift_tol: float | None = None,
+    on_drift: str = "raise",
     debug: bool = False,
 ) -> Callable:
     """Like :func:`jax.grad`, computed by Moonwalk (inverse-forward differentiation).
@@ -430,7 +471,8 @@ def moonwalk_grad(
     """
     vg = moonwalk_value_and_grad(fun, argnums, has_aux, stream_argnums=stream_argnums,
                                  mode=mode, fragments=fragments, anchor_every=anchor_every,
-                                 batch_axis=batch_axis, debug=debug)
+                                 batch_axis=batch_axis, drift_tol=drift_tol,
+                                 on_drift=on_drift, debug=debug)
 
     @functools.wraps(fun)
     def grad_fn(*args, **kwargs):

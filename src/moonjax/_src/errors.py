@@ -40,6 +40,16 @@ class NonFiniteCotangentError(MoonjaxError, FloatingPointError):
     """``debug=True`` found a NaN or Inf in a swept cotangent (e.g. a singular weight)."""
 
 
+class DriftError(MoonjaxError, FloatingPointError):
+    """The sweep's self-check: its cotangent drifted from an exact one (the loss head,
+    an anchor, a recorded fragment) beyond the tolerance, so the gradient would not be
+    accurate. Raised at run time; under an outer ``jax.jit`` its message arrives inside
+    JAX's ``JaxRuntimeError``."""
+
+
+# how the drift check's message starts (it travels through a host callback)
+DRIFT_MARKER = "moonjax: inaccurate gradient"
+
 # how the ``debug`` check's message starts (it travels through a host callback)
 NON_FINITE = "moonjax: non-finite swept cotangent"
 

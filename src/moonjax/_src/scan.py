@@ -8,12 +8,15 @@ outputs. Compile time stays independent of depth and nothing per layer is kept.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from moonjax._src import drift as D
 from moonjax._src import graph as G
-from moonjax._src.errors import SpineStructureError
+from moonjax._src.errors import SpineStructureError, where
 from moonjax._src.rules import ct_dtype
 from moonjax._src.sweep import Collect, is_float, stream_dependence, sweep
 
@@ -72,21 +75,27 @@ def sweep_scan(node, invals, g_carry, debug, fragments=None, anchors=None):
         x_slice, frag = inputs
         body_in = list(body_consts) + list(consts) + list(carry) + list(x_slice)
         known = {n_lead + nc + i: g[k] for k, i in enumerate(sorted(g_carry))}
-        outs, out_cts, in_cts = sweep(graph, body_in, stream, known, head=False, debug=debug,
-                                      fragments=fragments if collect else frag)
+        with D.measuring() as (inner, amplifiers):
+            outs, out_cts, in_cts = sweep(graph, body_in, stream, known, head=False,
+                                          debug=debug, fragments=fragments if collect else frag)
+        body_meetings[:] = [m for m, _ in inner]
+        for a in amplifiers:
+            D.amplifier(a)
         new_g = [out_cts[i].astype(c.dtype) for i, c in zip(sorted(g_carry), g)]
         acc = [a + _or_zero(in_cts[n_lead + i], node.inputs[i].aval)
                for a, i in zip(acc, float_consts)]
         xs_ct = [_or_zero(in_cts[n_lead + nc + ncar + i], node.inputs[nc + ncar + i].aval)
                  for i in float_xs]
         ys_ct = [_or_zero(out_cts[i], graph.outvars[i].aval) for i in stream_out]
-        return (outs[:ncar], new_g, acc), (outs[ncar:], xs_ct, ys_ct)
+        return (outs[:ncar], new_g, acc), (outs[ncar:], xs_ct, ys_ct, [d for _, d in inner])
 
     acc0 = [_or_zero(None, node.inputs[i].aval) for i in float_consts]
     g0 = [g_carry[i] for i in sorted(g_carry)]
     frags = None if collect else fragments
+    body_meetings: list = []
+    loop_at = where(node.source_info)
     if anchors is None:
-        (carry, g, acc), (ys, xs_ct, ys_ct) = lax.scan(
+        (carry, g, acc), (ys, xs_ct, ys_ct, drifts) = lax.scan(
             step, (list(init), g0, acc0), (list(xs), frags),
             length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
     else:
@@ -97,14 +106,20 @@ def sweep_scan(node, invals, g_carry, debug, fragments=None, anchors=None):
             x_blk, frag_blk, anchor = inputs
             carry, g, acc = state  # restart from the exact cotangent
             anchor = [a.astype(b.dtype) for a, b in zip(anchor, g)]
-            return lax.scan(step, (carry, anchor, acc), (x_blk, frag_blk), length=k,
-                            reverse=p["reverse"])
+            met = [D.relative(b, a) for a, b in zip(anchor, g)]
+            state, outs = lax.scan(step, (carry, anchor, acc), (x_blk, frag_blk), length=k,
+                                   reverse=p["reverse"])
+            return state, (outs, met)
 
-        (carry, g, acc), outs_blk = lax.scan(
+        (carry, g, acc), (outs_blk, met) = lax.scan(
             block, (list(init), g0, acc0), (blocks(list(xs), nb, k), blocks(frags, nb, k),
                                             list(stacked)),
             length=nb, reverse=p["reverse"])
-        ys, xs_ct, ys_ct = unblocks(outs_blk)
+        ys, xs_ct, ys_ct, drifts = unblocks(outs_blk)
+        for m in met:
+            D.note_value(D.Meeting("an anchor", loop_at), jnp.max(m))
+    for m, d in zip(body_meetings, drifts):
+        D.note_value(dataclasses.replace(m, loop=m.loop or loop_at), jnp.max(d))
     outs = list(carry) + list(ys)
     out_cts = [None] * len(outs)
     for k, i in enumerate(sorted(g_carry)):

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from moonjax._src import drift as D
 from moonjax._src import graph as G
 from moonjax._src.errors import (
     NON_FINITE,
@@ -40,6 +41,13 @@ from moonjax._src.errors import (
 )
 from moonjax._src.rules import ct_dtype, elementwise_rules, vijp_rules
 from moonjax._src.rules.structural import slice_partition
+
+
+# Elementwise primitives whose sweep only shifts or moves values (volume-preserving:
+# no division by a derivative), and spine primitives whose vijp solves with a weight.
+SHIFTS = frozenset({"add", "sub", "neg", "copy", "convert_element_type", "ge", "gt", "le",
+                    "lt", "eq", "ne"})
+SOLVES = frozenset({"dot_general", "conv_general_dilated"})
 
 
 def is_float(aval) -> bool:
@@ -186,6 +194,7 @@ class _Sweep:
         self.out_cts: dict[int, object] = {}
         self.consumed: set[int] = set()
         self.wake: dict[int, list] = {}  # node id -> values to retry once it is evaluated
+        self.from_reverse: set[int] = set()  # values whose cotangent reverse mode summed
         if params is None:
             params = [is_float(v.aval) for v in graph.invars]
         self.param_dep = {id(v) for v, p, s in zip(graph.invars, params, stream) if p and not s}
@@ -368,6 +377,7 @@ class _Sweep:
             elif not uses and id(a) not in self.out_pending:
                 # all uses accounted for: reverse mode gives its cotangent
                 acc = self.acc.get(id(a))
+                self.from_reverse.add(id(a))
                 self.set_known(a, acc if acc is not None else _zeros(a.aval))
 
     def _try_backward(self, node):
@@ -393,6 +403,9 @@ class _Sweep:
         if not uses:
             if id(v) in self.out_pending:
                 self._finish_output(v)
+            elif id(v) not in self.from_reverse and id(v) not in self.consumed:
+                self._meet(v, self.ct[id(v)], self.acc.get(id(v)),
+                           "the loss head" if self.head else "a side branch")
             self.consumed.add(id(v))  # a block record stays: reverse mode did the work
             return
         if self.ct[id(v)] is None:  # no cotangent to sweep (integer or boolean value)
@@ -439,6 +452,15 @@ class _Sweep:
 
         jax.debug.callback(check, jnp.all(jnp.isfinite(g)))
 
+    def _meet(self, v, swept, exact, what):
+        """The self-check: ``v``'s swept cotangent against an exact one (reverse mode's
+        sum over its uses, or what a recorded fragment pulls back)."""
+        if exact is None or swept is None or not is_float(v.aval):
+            return
+        node = v.producer if v.producer is not None else (v.uses[0][0] if v.uses else None)
+        at = where(node.source_info) if node is not None else "the network input"
+        D.note(D.Meeting(what, at), swept, exact)
+
     def _fragment(self, node):
         """The recorded output cotangents of a non-submersive spine step, if any."""
         if isinstance(self.fragments, Collect):
@@ -460,6 +482,11 @@ class _Sweep:
             return False
         _report("fragment", [node], "recorded output cotangent", _float_bytes(node))
         contributions = self._pull(node, out_cts)
+        exact = None
+        for a, c in zip(node.inputs, contributions):
+            if a is v and c is not None:
+                exact = _add(exact, c)
+        self._meet(v, self.ct[id(v)], _add(self.acc.get(id(v)), exact), "a recorded fragment")
         self._resolve(node, contributions, skip={id(v)})
         for o, c in zip(node.outputs, out_cts):
             if id(o) not in self.ct:
@@ -514,6 +541,9 @@ class _Sweep:
         g_ins = [self.residual(a) for a in spine]
         out_cts = rule.vijp(node, positions, g_ins, invals)
         _report("spine", [node], getattr(rule.vijp, "__qualname__", "custom"))
+        if node.primitive.name in SOLVES:
+            D.amplifier(f"solves with the weight of `{node.primitive.name}` at "
+                        f"{where(node.source_info)}")
         contributions = self._pull(node, out_cts)
         self._resolve(node, contributions, skip={id(a) for a in spine})
         for o, c in zip(node.outputs, out_cts):
@@ -628,11 +658,17 @@ class _Sweep:
                 dphi, _ = backprop(jnp.ones(y.aval.shape, y.aval.dtype))
             g_y = self.residual(v) / dphi
             self._check_finite(order[-1], g_y)
+            if any(n.primitive.name not in SHIFTS for n in order):
+                D.amplifier(f"divides by the derivative of "
+                            f"{'/'.join(dict.fromkeys(n.primitive.name for n in order))} at "
+                            f"{where(order[0].source_info)}")
         else:
             g_y = fragment
             _report("fragment", [y.producer], "recorded output cotangent",
                     y.aval.size * y.aval.dtype.itemsize)
-        _, outside = backprop(g_y)
+        g_v, outside = backprop(g_y)
+        if fragment is not None:
+            self._meet(v, self.ct[id(v)], _add(self.acc.get(id(v)), g_v), "a recorded fragment")
         values = {id(a): a for n in order for a in n.inputs if isinstance(a, G.Value)}
         for k, c in outside.items():
             self.contribute(values[k], c)
