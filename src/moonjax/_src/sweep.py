@@ -39,6 +39,7 @@ from moonjax._src.errors import (
     where,
 )
 from moonjax._src.rules import ct_dtype, elementwise_rules, vijp_rules
+from moonjax._src.rules.monotone import derivative_sign
 from moonjax._src.rules.structural import slice_partition
 
 
@@ -543,6 +544,9 @@ class _Sweep:
 
     def _region(self, v, nodes):
         """Cross a connected region of elementwise primitives with input ``v``."""
+        # Grow the region in program order, one node at a time, until a single float
+        # value carries everything it computed: the first value every path from v
+        # passes through (values used twice inside, nested calls, custom_jvp bodies).
         region = {id(n): n for n in nodes}
         while True:
             frontier = []
@@ -557,28 +561,27 @@ class _Sweep:
             if len(frontier) == 1:
                 break
             first = min(region.values(), key=lambda n: n.index)
-            if not frontier or not expand or any(
-                u.primitive not in elementwise_rules for u in expand.values()
-            ):
+            nxt = min(expand.values(), key=lambda n: n.index) if expand else None
+            if not frontier or nxt is None or nxt.primitive not in elementwise_rules:
                 self.block(v, first, equation_error(
                     NotSubmersiveError, first,
                     "an elementwise map of a spine value has several outputs that feed "
                     "different layers, so it is not one-to-one onto any one of them",
                     "feed one layer from the activation, or use moonjax.custom_vijp"))
                 return False
-            waiting = [u for u in expand.values() if id(u) not in self.evaluated]
-            if waiting:  # retry once the rest of the region has been evaluated
-                for u in waiting:
-                    self.wake.setdefault(id(u), []).append(v)
+            if id(nxt) not in self.evaluated:  # retry once it has been evaluated
+                self.wake.setdefault(id(nxt), []).append(v)
                 return False
-            region.update(expand)
+            region[id(nxt)] = nxt
         (y,) = frontier
         order = sorted(region.values(), key=lambda n: n.index)
         inside = {id(v)}
         failure = None
+        shape_failure = False
         for n in order:
             flags = [isinstance(a, G.Value) and id(a) in inside for a in n.inputs]
             if any(is_float(o.aval) and o.aval.shape != v.aval.shape for o in n.outputs):
+                shape_failure = True
                 failure = failure or equation_error(
                     NotSubmersiveError, n,
                     "an elementwise step changes the shape of a spine value (broadcast)",
@@ -590,6 +593,9 @@ class _Sweep:
                     "use a strictly monotone activation (leaky_relu, tanh, …) on the spine, "
                     "or let mode='mixed' record the erased cotangent (fragments=True)")
             inside.update(id(o) for o in n.outputs)
+        if failure is not None and not shape_failure and derivative_sign(
+                order, v, y, self.read) is not None:
+            failure = None  # φ' provably never vanishes (softplus, ELU, CELU, …)
         fragment = None
         if failure is not None:
             later = [u for u, _ in y.uses if id(u) not in self.evaluated]
