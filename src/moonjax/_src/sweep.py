@@ -130,7 +130,7 @@ class Collect(dict):
 
 
 def sweep(graph, invals, stream, known_cts, *, head, params=None, debug=False,
-          fragments=None):
+          fragments=None, recorded_outputs=()):
     """Run the inverse-forward sweep over ``graph``.
 
     Args:
@@ -148,13 +148,18 @@ def sweep(graph, invals, stream, known_cts, *, head, params=None, debug=False,
         (record where fragments are needed, sweep zeros there) or a dict
         ``node.index -> [output cotangents]`` recorded by phase 1 (for a ``scan``
         node: a nested dict whose arrays are stacked over the loop).
+      recorded_outputs: positions in ``outvars`` (a block) whose cotangent is taken
+        from phase 1's record of their producer before the sweep starts (a loop's
+        log-determinant carry); needs ``fragments``.
 
     Returns:
       ``(outvals, out_cts, in_cts)``: output values, the swept output cotangents
       (``None`` where there is none) and the cotangents of the non-stream invars
       (``None`` for stream or non-float invars).
     """
-    return _Sweep(graph, invals, stream, known_cts, head, params, debug, fragments).run()
+    state = _Sweep(graph, invals, stream, known_cts, head, params, debug, fragments)
+    state.recorded_outputs = [graph.outvars[i] for i in recorded_outputs]
+    return state.run()
 
 
 class _Sweep:
@@ -293,6 +298,16 @@ class _Sweep:
                             "split between the two outputs is not unique"
                         )
                     self.out_pending.add(id(o))
+        for o in getattr(self, "recorded_outputs", ()):
+            cts = self._fragment(o.producer) if isinstance(o, G.Value) and o.producer else None
+            if cts is not None:  # known up front: reverse mode resolves its producer
+                _report("fragment", [o.producer], "recorded block output cotangent",
+                        _float_bytes(o.producer))
+                for out, c in zip(o.producer.outputs, cts):
+                    if c is not None and id(out) not in self.ct:
+                        self.ct[id(out)] = _up(c)
+                self.out_cts[id(o)] = self.ct.get(id(o))
+                self.out_pending.discard(id(o))
         self.settle()
         for node in self.stream_nodes:
             if node.primitive is lax.scan_p and self._try_scan(node):
