@@ -53,15 +53,22 @@ def sweep_scan(node, invals, g_carry, debug, fragments=None, anchors=None):
     n_lead = len(body_consts)
     consts, init, xs = invals[:nc], invals[nc:nc + ncar], invals[nc + ncar:]
     flags = _stream_carry(graph, n_lead, nc, ncar, [i in g_carry for i in range(ncar)])
-    for i, f in enumerate(flags):
-        if f and i not in g_carry:
+    # carries that start as a constant and come to depend on the input (a flow's
+    # log-determinant ``ld + sum(log|s|)``): not swept; each step's carry output takes
+    # phase 1's recorded cotangent, and reverse mode takes it back to the carry input
+    recorded = [i for i, f in enumerate(flags) if f and i not in g_carry]
+    for i in recorded:
+        if fragments is None:
             raise SpineStructureError(
                 f"scan carry {i} starts as a constant but comes to depend on the network "
-                "input; start it from the input, or keep it out of the loop")
+                "input; start it from the input, or keep it out of the loop (or let "
+                "phase 1 record its cotangent: fragments=True)")
+    for i, f in enumerate(flags):
         if not f and is_float(node.inputs[nc + i].aval):
             raise SpineStructureError(
                 f"scan carry {i} is a float that does not depend on the network input; "
                 "moonjax sweeps loops whose float carries are the activations only")
+    flags = [f and i not in recorded for i, f in enumerate(flags)]
     stream = [False] * (n_lead + nc) + flags + [False] * len(xs)
     float_consts = [i for i in range(nc) if is_float(node.inputs[i].aval)]
     float_xs = [i for i in range(len(xs)) if is_float(node.inputs[nc + ncar + i].aval)]
@@ -77,7 +84,8 @@ def sweep_scan(node, invals, g_carry, debug, fragments=None, anchors=None):
         known = {n_lead + nc + i: g[k] for k, i in enumerate(sorted(g_carry))}
         with D.measuring() as (inner, amplifiers):
             outs, out_cts, in_cts = sweep(graph, body_in, stream, known, head=False,
-                                          debug=debug, fragments=fragments if collect else frag)
+                                          debug=debug, fragments=fragments if collect else frag,
+                                          recorded_outputs=recorded)
         body_meetings[:] = [m for m, _ in inner]
         for a in amplifiers:
             D.amplifier(a)
@@ -87,6 +95,8 @@ def sweep_scan(node, invals, g_carry, debug, fragments=None, anchors=None):
         xs_ct = [_or_zero(in_cts[n_lead + nc + ncar + i], node.inputs[nc + ncar + i].aval)
                  for i in float_xs]
         ys_ct = [_or_zero(out_cts[i], graph.outvars[i].aval) for i in stream_out]
+        ys_ct += [_or_zero(in_cts[n_lead + nc + i], node.inputs[nc + i].aval)
+                  for i in recorded]  # the recorded carries' input cotangents
         return (outs[:ncar], new_g, acc), (outs[ncar:], xs_ct, ys_ct, [d for _, d in inner])
 
     acc0 = [_or_zero(None, node.inputs[i].aval) for i in float_consts]
@@ -127,6 +137,8 @@ def sweep_scan(node, invals, g_carry, debug, fragments=None, anchors=None):
     for k, i in enumerate(stream_out):
         out_cts[i] = ys_ct[k]
     in_cts = [None] * len(invals)
+    for k, i in enumerate(recorded):  # the first step's carry input is the init
+        in_cts[nc + i] = ys_ct[len(stream_out) + k][-1 if p["reverse"] else 0]
     for a, i in zip(acc, float_consts):
         in_cts[i] = a
     for c, i in zip(xs_ct, float_xs):

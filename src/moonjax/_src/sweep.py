@@ -40,6 +40,7 @@ from moonjax._src.errors import (
     where,
 )
 from moonjax._src.rules import ct_dtype, elementwise_rules, vijp_rules
+from moonjax._src.rules.monotone import derivative_sign
 from moonjax._src.rules.structural import slice_partition
 
 
@@ -137,7 +138,7 @@ class Collect(dict):
 
 
 def sweep(graph, invals, stream, known_cts, *, head, params=None, debug=False,
-          fragments=None):
+          fragments=None, recorded_outputs=()):
     """Run the inverse-forward sweep over ``graph``.
 
     Args:
@@ -155,13 +156,18 @@ def sweep(graph, invals, stream, known_cts, *, head, params=None, debug=False,
         (record where fragments are needed, sweep zeros there) or a dict
         ``node.index -> [output cotangents]`` recorded by phase 1 (for a ``scan``
         node: a nested dict whose arrays are stacked over the loop).
+      recorded_outputs: positions in ``outvars`` (a block) whose cotangent is taken
+        from phase 1's record of their producer before the sweep starts (a loop's
+        log-determinant carry); needs ``fragments``.
 
     Returns:
       ``(outvals, out_cts, in_cts)``: output values, the swept output cotangents
       (``None`` where there is none) and the cotangents of the non-stream invars
       (``None`` for stream or non-float invars).
     """
-    return _Sweep(graph, invals, stream, known_cts, head, params, debug, fragments).run()
+    state = _Sweep(graph, invals, stream, known_cts, head, params, debug, fragments)
+    state.recorded_outputs = [graph.outvars[i] for i in recorded_outputs]
+    return state.run()
 
 
 class _Sweep:
@@ -301,6 +307,16 @@ class _Sweep:
                             "split between the two outputs is not unique"
                         )
                     self.out_pending.add(id(o))
+        for o in getattr(self, "recorded_outputs", ()):
+            cts = self._fragment(o.producer) if isinstance(o, G.Value) and o.producer else None
+            if cts is not None:  # known up front: reverse mode resolves its producer
+                _report("fragment", [o.producer], "recorded block output cotangent",
+                        _float_bytes(o.producer))
+                for out, c in zip(o.producer.outputs, cts):
+                    if c is not None and id(out) not in self.ct:
+                        self.ct[id(out)] = _up(c)
+                self.out_cts[id(o)] = self.ct.get(id(o))
+                self.out_pending.discard(id(o))
         self.settle()
         for node in self.stream_nodes:
             if node.primitive is lax.scan_p and self._try_scan(node):
@@ -573,6 +589,9 @@ class _Sweep:
 
     def _region(self, v, nodes):
         """Cross a connected region of elementwise primitives with input ``v``."""
+        # Grow the region in program order, one node at a time, until a single float
+        # value carries everything it computed: the first value every path from v
+        # passes through (values used twice inside, nested calls, custom_jvp bodies).
         region = {id(n): n for n in nodes}
         while True:
             frontier = []
@@ -587,28 +606,27 @@ class _Sweep:
             if len(frontier) == 1:
                 break
             first = min(region.values(), key=lambda n: n.index)
-            if not frontier or not expand or any(
-                u.primitive not in elementwise_rules for u in expand.values()
-            ):
+            nxt = min(expand.values(), key=lambda n: n.index) if expand else None
+            if not frontier or nxt is None or nxt.primitive not in elementwise_rules:
                 self.block(v, first, equation_error(
                     NotSubmersiveError, first,
                     "an elementwise map of a spine value has several outputs that feed "
                     "different layers, so it is not one-to-one onto any one of them",
                     "feed one layer from the activation, or use moonjax.custom_vijp"))
                 return False
-            waiting = [u for u in expand.values() if id(u) not in self.evaluated]
-            if waiting:  # retry once the rest of the region has been evaluated
-                for u in waiting:
-                    self.wake.setdefault(id(u), []).append(v)
+            if id(nxt) not in self.evaluated:  # retry once it has been evaluated
+                self.wake.setdefault(id(nxt), []).append(v)
                 return False
-            region.update(expand)
+            region[id(nxt)] = nxt
         (y,) = frontier
         order = sorted(region.values(), key=lambda n: n.index)
         inside = {id(v)}
         failure = None
+        shape_failure = False
         for n in order:
             flags = [isinstance(a, G.Value) and id(a) in inside for a in n.inputs]
             if any(is_float(o.aval) and o.aval.shape != v.aval.shape for o in n.outputs):
+                shape_failure = True
                 failure = failure or equation_error(
                     NotSubmersiveError, n,
                     "an elementwise step changes the shape of a spine value (broadcast)",
@@ -620,6 +638,9 @@ class _Sweep:
                     "use a strictly monotone activation (leaky_relu, tanh, …) on the spine, "
                     "or let mode='mixed' record the erased cotangent (fragments=True)")
             inside.update(id(o) for o in n.outputs)
+        if failure is not None and not shape_failure and derivative_sign(
+                order, v, y, self.read) is not None:
+            failure = None  # φ' provably never vanishes (softplus, ELU, CELU, …)
         fragment = None
         if failure is not None:
             later = [u for u, _ in y.uses if id(u) not in self.evaluated]

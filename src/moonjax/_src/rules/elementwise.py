@@ -77,7 +77,7 @@ _FAMILIES = {
         lax.exp_p, lax.log_p, lax.tanh_p, lax.logistic_p, lax.sinh_p, lax.asinh_p,
         lax.atan_p, lax.atanh_p, lax.log1p_p, lax.expm1_p, lax.erf_p, lax.erf_inv_p,
         lax.neg_p, lax.cbrt_p, lax.sqrt_p, lax.rsqrt_p, lax.copy_p, lax.reduce_precision_p,
-        lax.exp2_p, lax.tan_p,
+        lax.exp2_p, lax.tan_p, lax.erfc_p,
     ],
     mask: [lax.ge_p, lax.gt_p, lax.le_p, lax.lt_p, lax.eq_p, lax.ne_p, lax.is_finite_p],
     shift: [lax.add_p, lax.sub_p],
