@@ -13,6 +13,7 @@ from moonjax._src.api import (
 from moonjax._src.check import CheckReport, check
 from moonjax._src.errors import (
     ArgumentError,
+    DriftError,
     LossShapeError,
     MoonjaxError,
     NonFiniteCotangentError,
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ArgumentError",
     "CheckReport",
+    "DriftError",
     "FidelityReport",
     "LossShapeError",
     "MoonjaxError",

@@ -272,7 +272,7 @@ def moonwalk_value_and_grad(
 # ``anchor_every="auto"``: loops whose swept layers divide by a derivative or solve
 # with a weight (error can grow layer by layer) are anchored every AUTO_ANCHOR steps;
 # volume-preserving ones (additive couplings, shifts, moves) are not anchored.
-AUTO_ANCHOR = 2
+AUTO_ANCHOR = 4
 
 
 def _amplifies(step) -> bool:
@@ -340,7 +340,9 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
         return (out[0], out[1]) if has_aux else (out, None)
 
     dyn_ix = [j for j in range(len(flat)) if j not in static_at]
-    if mode == "mixed":
+    if mode == "mixed" and not has_aux:
+        pass  # phase 1 runs on the graph below, with bit-packed sign masks
+    elif mode == "mixed":
         loss, pullback, aux = jax.vjp(phase1, *[flat[j] for j in static.stream],
                                       has_aux=True)
         g_stream = pullback(jnp.ones_like(loss))
@@ -390,6 +392,9 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
     run_sweep = functools.partial(sweep, graph, invals, stream_mask, head=True,
                                   params=params_mask, debug=debug)
     stream_pos = [pos[j] for j in static.stream]
+    if mode == "mixed" and not has_aux:
+        outs, g_stream, _ = mixed_with_probes(graph, invals, stream_pos, Collect(), {})
+        loss, aux = outs[0], None
     plan = {}
     if mode == "mixed" and isinstance(anchor_every, int):
         plan = anchor_plan(graph, stream_pos, anchor_every)

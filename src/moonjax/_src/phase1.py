@@ -22,6 +22,7 @@ import numpy as np
 from jax import lax
 
 from moonjax._src import graph as G
+from moonjax._src import masks
 from moonjax._src.errors import ArgumentError, where
 from moonjax._src.inverse import invert
 from moonjax._src.scan import blocks, unblocks
@@ -307,8 +308,19 @@ def _probes(graph: G.Graph, collected, leading=(), anchors=None):
 
 
 def _evaluate_probed(graph, invals, probes, anchors=None):
+    """Evaluate ``graph`` for mixed phase 1: probes added where records are taken,
+    ``select_n`` masks kept bit-packed (:mod:`moonjax._src.masks`), and every loop
+    evaluated step by step so that its body gets the same treatment."""
+
     def bind(node, args):
         entry = probes.get(node.index)
+        if node.primitive is lax.select_n_p and len(args) == 3 and masks.packable(
+                node.inputs[0].aval, [a.aval for a in node.inputs[1:]]):
+            out = [masks.select(*args)]
+            return out if entry is None else [o if e is None else o + e
+                                              for o, e in zip(out, entry)]
+        if entry is None and node.primitive is lax.scan_p:
+            entry = {}
         if entry is None:
             return None
         if node.primitive is lax.scan_p:
@@ -324,7 +336,7 @@ def _evaluate_probed(graph, invals, probes, anchors=None):
             init, xs = list(args[nc:nc + ncar]), list(args[nc + ncar:])
             if "anchors" not in entry:
                 carry, ys = lax.scan(step, init, (xs, entry), length=p["length"],
-                                     reverse=p["reverse"])
+                                     reverse=p["reverse"], unroll=p["unroll"])
                 return [*carry, *ys]
             k, positions = anchors[node.index]
             nb = p["length"] // k
