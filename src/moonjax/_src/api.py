@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import itertools
 import operator
-import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -13,21 +12,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moonjax._src import graph as G
 from moonjax._src import drift as D
+from moonjax._src import graph as G
 from moonjax._src.errors import (
-    DRIFT_MARKER,
-    NON_FINITE,
     ArgumentError,
-    DriftError,
     LossShapeError,
-    NonFiniteCotangentError,
     NotSubmersiveError,
     SpineStructureError,
     UnsupportedPrimitiveError,
+    from_runtime_error,
 )
-from moonjax._src.phase1 import BATCH_MIXED, anchor_plan, forward_batched, mixed_with_probes
 from moonjax._src.phase1 import MODES as PHASE1
+from moonjax._src.phase1 import anchor_plan, forward_batched, mixed_with_probes
 from moonjax._src.rules import VijpRule
 from moonjax._src.sweep import REPORT, SHIFTS, Collect, sweep
 
@@ -64,11 +60,9 @@ def _checked_at_call(run, dynamic):
             return out
         return jax.block_until_ready(out)
     except jax.errors.JaxRuntimeError as e:
-        for marker, cls in ((DRIFT_MARKER, DriftError), (NON_FINITE, NonFiniteCotangentError),
-                            (BATCH_MIXED, ArgumentError)):
-            found = re.search(re.escape(marker) + r"[^\n]*", str(e))
-            if found is not None:
-                raise cls(found.group(0)) from None
+        found = from_runtime_error(e)
+        if found is not None:
+            raise found from None
         raise
 
 
@@ -200,7 +194,8 @@ def moonwalk_value_and_grad(
     def checked(static, *dynamic):
         value, grads, (drifts, amplifiers) = _moonwalk(
             fun, has_aux, mode, fragments, static.anchors, debug, static, dynamic, batch_axis)
-        return value, D.guard(grads, drifts, amplifiers, static.drift_tol, on_drift)
+        return value, D.guard(grads, drifts, amplifiers, static.drift_tol, on_drift,
+                              D.HINTS.get(mode, ""))
 
     compiled = jax.jit(checked, static_argnums=0)
 

@@ -111,6 +111,13 @@ class LayerGroup:
         its body once per iteration).
       length: the number of iterations of a scan (1 otherwise).
       groups: the groups of a scan's body (per iteration).
+      stability: how the sweep keeps the group's rounding in check:
+        ``"volume-preserving"`` (shifts and moves: rounding does not grow),
+        ``"anchored every k"`` (a loop that solves with weights or divides by
+        derivatives, restarted from an exact cotangent every ``k`` steps),
+        ``"drift-checked"`` (it may amplify rounding; the call's drift check raises
+        :class:`moonjax.DriftError` if it did), ``"exact"`` (reverse mode, or a fragment
+        phase 1 recorded).
     """
 
     location: str
@@ -120,6 +127,7 @@ class LayerGroup:
     fragment_bytes: int = 0
     length: int = 1
     groups: tuple[LayerGroup, ...] = ()
+    stability: str = ""
 
     def walk(self):
         """This group and all groups nested in it, depth first."""
@@ -138,6 +146,7 @@ class LayerGroup:
             "submersive": self.submersive,
             "fragment_bytes": self.fragment_bytes,
             "length": self.length,
+            "stability": self.stability,
             "steps": [s.to_dict() for s in self.steps],
             "groups": [g.to_dict() for g in self.groups],
         }
@@ -235,7 +244,8 @@ class CheckReport:
                 else:
                     steps = "  ".join(_step_text(s) for s in g.steps)
                 yield (idx, _short(g.location), g.role, "yes" if g.submersive else "NO",
-                       _bytes(g.fragment_bytes) if g.fragment_bytes else "-", steps)
+                       _bytes(g.fragment_bytes) if g.fragment_bytes else "-",
+                       g.stability or "-", steps)
                 yield from rows(g.groups, idx + ".")
         return list(rows(self.groups, ""))
 
@@ -258,7 +268,7 @@ class CheckReport:
         return lines
 
     def __str__(self) -> str:
-        header = ("#", "location", "role", "submersive", "fragments", "steps")
+        header = ("#", "location", "role", "submersive", "fragments", "stability", "steps")
         rows = [header, *self._rows()]
         widths = [max(len(r[c]) for r in rows) for c in range(len(header) - 1)]
         lines = [self._headline(), ""]
@@ -410,6 +420,36 @@ def _groups(steps) -> tuple[LayerGroup, ...]:
             close()
         current.append(info)
     close()
+    return tuple(out)
+
+
+def _amplifies(group: LayerGroup) -> bool:
+    """Whether a group's swept steps can amplify rounding (solve with a weight, divide
+    by a derivative)."""
+    if group.role == "scan":
+        return any(_amplifies(g) for g in group.groups)
+    return any((s.kind == "region" and not set(s.primitives) <= S.SHIFTS)
+               or (s.kind == "spine" and set(s.primitives) & S.SOLVES) for s in group.steps)
+
+
+def _with_stability(groups, mode: str, anchor_every) -> tuple[LayerGroup, ...]:
+    """The groups with their ``stability`` filled in (see :class:`LayerGroup`)."""
+    from moonjax._src.api import AUTO_ANCHOR
+
+    out = []
+    for g in groups:
+        if g.role in ("side", "head") or not g.submersive:
+            label = "exact"
+        elif not _amplifies(g):
+            label = "volume-preserving"
+        elif g.role == "scan" and mode == "mixed" and anchor_every is not None:
+            k = AUTO_ANCHOR if anchor_every == "auto" else int(anchor_every)
+            k = max(d for d in range(1, min(k, g.length) + 1) if g.length % d == 0)
+            label = f"anchored every {k}" if k < g.length else "drift-checked"
+        else:
+            label = "drift-checked"
+        inner = _with_stability(g.groups, mode, None) if g.groups else ()
+        out.append(dataclasses.replace(g, stability=label, groups=inner))
     return tuple(out)
 
 
@@ -565,6 +605,7 @@ def check(
     has_aux: bool = False,
     mode: str = "mixed",
     fragments: bool = True,
+    anchor_every: int | str | None = "auto",
     **kwargs: Any,
 ) -> CheckReport:
     """Check, without running it, how Moonwalk differentiates ``loss(*args, **kwargs)``.
@@ -580,7 +621,8 @@ def check(
     Args:
       loss: the loss, as given to ``moonwalk_grad``.
       *args: its positional arguments (arrays, pytrees, or ``ShapeDtypeStruct`` s).
-      argnums, stream_argnums, has_aux, mode, fragments: as in ``moonwalk_grad``.
+      argnums, stream_argnums, has_aux, mode, fragments, anchor_every: as in
+        ``moonwalk_grad``.
       **kwargs: keyword arguments of ``loss``.
 
     Returns:
@@ -601,7 +643,7 @@ def check(
     layout = None
     try:
         grad_fn = moonwalk_grad(loss, argnums, has_aux, stream_argnums=stream_argnums,
-                                mode=mode, fragments=fragments)
+                                mode=mode, fragments=fragments, anchor_every=anchor_every)
         layout = _Layout(args, kwargs)
         token = S.REPORT.set(None)  # the steps come from the analysis trace below
         try:
@@ -619,7 +661,7 @@ def check(
         if error is None and analysis_error is not None:  # pragma: no cover - divergence
             notes.append(f"the analysis trace stopped early ({analysis_error!r}); the "
                          "table may be incomplete")
-    groups = _groups(steps)
+    groups = _with_stability(_groups(steps), mode, anchor_every)
     total = sum(g.fragment_bytes for g in groups)
     submersive = error is None and fragment_error is None and total == 0
     primitive = location = suggestion = None

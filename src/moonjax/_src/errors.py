@@ -50,6 +50,9 @@ class DriftError(MoonjaxError, FloatingPointError):
 # how the drift check's message starts (it travels through a host callback)
 DRIFT_MARKER = "moonjax: inaccurate gradient"
 
+# how the ``debug`` check of ``batch_axis`` starts (it travels through a host callback)
+BATCH_MIXED = "moonjax: batch_axis=0, but the examples are not independent"
+
 # how the ``debug`` check's message starts (it travels through a host callback)
 NON_FINITE = "moonjax: non-finite swept cotangent"
 
@@ -93,3 +96,26 @@ def equation_error(cls, node, what: str, fix: str) -> MoonjaxError:
         f"{what}\n  primitive: {node.primitive.name}\n  at: {where(node.source_info)}\n"
         f"  fix: {fix}"
     )
+
+
+def from_runtime_error(error: Exception) -> MoonjaxError | None:
+    """The moonjax error that a run-time check (a host callback that raised: the drift
+    check, ``debug``'s checks) left inside a ``jax.errors.JaxRuntimeError``, else None.
+
+    Under ``jax.jit`` such a check surfaces as JAX's runtime error; a training loop
+    can turn it back into the moonjax error with its message::
+
+        try:
+            state = train_step(state, batch)
+        except jax.errors.JaxRuntimeError as e:
+            raise (moonjax.errors.from_runtime_error(e) or e) from None
+    """
+    import re
+
+    for marker, cls in ((DRIFT_MARKER, DriftError), (NON_FINITE, NonFiniteCotangentError),
+                        (BATCH_MIXED, ArgumentError)):
+        found = re.search(re.escape(marker) + r"[^\n]*", str(error))
+        if found is not None:
+            return cls(found.group(0))
+    return None
+

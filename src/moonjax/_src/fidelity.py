@@ -39,6 +39,13 @@ class FidelityReport:
       layers: for leaves stacked over the layers of a top-level ``lax.scan``, Moonwalk's
         error at each layer (an array over the leading axis).
       options: the ``moonwalk_grad`` options that were checked.
+      drifts: the sweep's self-check, per place it met an exact cotangent (the loss
+        head, an anchor, a recorded fragment): ``description -> drift``. The call
+        itself raises :class:`moonjax.DriftError` when one exceeds ``drift_tol``;
+        ``fidelity`` reports instead (its gradient is the unchecked one).
+      drift_tol: the tolerance those drifts are held to.
+      amplifiers: the swept steps that can amplify rounding (solves with a weight,
+        divisions by a derivative), with their source lines.
     """
 
     reference: str
@@ -48,6 +55,14 @@ class FidelityReport:
     layers: dict[str, np.ndarray]
     options: dict[str, Any]
     eps: float = float(np.finfo(np.float32).eps)
+    drifts: dict[str, float] = dataclasses.field(default_factory=dict)
+    drift_tol: float = float("inf")
+    amplifiers: tuple[str, ...] = ()
+
+    @property
+    def drift(self) -> float:
+        """The largest drift (0 when the sweep met no exact cotangent)."""
+        return max(self.drifts.values(), default=0.0)
 
     @property
     def ratio(self) -> float:
@@ -84,11 +99,19 @@ class FidelityReport:
                 worst = int(np.nanargmax(np.where(np.isfinite(per), per, np.inf)))
                 lines.append(f"  {'':<{width}}  per layer: first {per[0]:.1e}, last "
                              f"{per[-1]:.1e}, worst {per[worst]:.1e} at layer {worst}")
+        if self.drifts:
+            verdict = "within" if self.drift <= self.drift_tol else "BEYOND"
+            lines.append(f"  drift (the sweep's self-check, {verdict} the tolerance "
+                         f"{self.drift_tol:.1e}):")
+            for where_, d in self.drifts.items():
+                lines.append(f"    {d:.1e}  {where_}")
+            if self.amplifiers:
+                lines.append("  steps that can amplify rounding: " + "; ".join(self.amplifiers))
         if not self.ok():
             lines.append(
                 "  ill-conditioned for the sweep: the error grows with depth. Use "
-                "anchor_every='auto' (or a small int), or mode='reversible' for coupling "
-                "networks; see the float32 fidelity guide")
+                "anchor_every=1 (or a small int), volume-preserving layers (additive "
+                "couplings), or jax.grad for this network; see the float32 fidelity guide")
         return "\n".join(lines)
 
 
@@ -163,12 +186,17 @@ def fidelity(
       >>> report.ok()
       True
     """
-    from moonjax._src.api import moonwalk_grad
+    from moonjax._src.api import moonwalk_value_and_grad
 
-    got = moonwalk_grad(loss, argnums, has_aux, **options)(*args)
+    got, found, amplifiers, tol = moonwalk_value_and_grad(
+        loss, argnums, has_aux, **options).drifts(*args)
+    drifts: dict[str, float] = {}
+    for meeting, d in found:  # the worst drift at each place
+        key = meeting.describe()
+        drifts[key] = max(drifts.get(key, 0.0), d) if np.isfinite(d) else float("inf")
     backprop = jax.grad(loss, argnums, has_aux=has_aux)(*args)
     if has_aux:
-        got, backprop = got[0], backprop[0]
+        backprop = backprop[0]
     low = any(jnp.result_type(g) != jnp.float64 for g in jax.tree_util.tree_leaves(got))
     if jax.config.jax_enable_x64 and low:
         reference = "float64"
@@ -197,4 +225,5 @@ def fidelity(
         error=_rel(whole(got), whole(exact)),
         backprop_error=None if backprop is None else _rel(whole(backprop), whole(exact)),
         leaves=leaves, layers=layers, options=dict(options),
-        eps=float(jnp.finfo(jnp.result_type(*[g.dtype for g in got_l])).eps))
+        eps=float(jnp.finfo(jnp.result_type(*[g.dtype for g in got_l])).eps),
+        drifts=drifts, drift_tol=tol, amplifiers=tuple(amplifiers))

@@ -23,7 +23,7 @@ from jax import lax
 
 from moonjax._src import graph as G
 from moonjax._src import masks
-from moonjax._src.errors import ArgumentError, where
+from moonjax._src.errors import BATCH_MIXED, ArgumentError, where
 from moonjax._src.inverse import invert
 from moonjax._src.scan import blocks, unblocks
 from moonjax._src.sweep import is_float, stream_dependence
@@ -157,8 +157,6 @@ def forward(graph, invals, stream_pos):
     return outs, grads
 
 
-# how the ``debug`` check of ``batch_axis`` starts (it travels through a host callback)
-BATCH_MIXED = "moonjax: batch_axis=0, but the examples are not independent"
 
 
 def forward_batched(graph, invals, stream_pos, debug=False):

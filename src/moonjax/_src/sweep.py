@@ -43,7 +43,6 @@ from moonjax._src.rules import ct_dtype, elementwise_rules, vijp_rules
 from moonjax._src.rules.monotone import derivative_sign
 from moonjax._src.rules.structural import slice_partition
 
-
 # Elementwise primitives whose sweep only shifts or moves values (volume-preserving:
 # no division by a derivative), and spine primitives whose vijp solves with a weight.
 SHIFTS = frozenset({"add", "sub", "neg", "copy", "convert_element_type", "ge", "gt", "le",

@@ -27,11 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--anchor-every",
         type=_anchor,
-        default=None,
-        metavar="K|auto",
+        default="auto",
+        metavar="K|auto|none",
         help="moonwalk, mixed mode: record an exact cotangent every K blocks "
-        "(or 'auto') so float32 rounding cannot grow through deep stacks; "
-        "use 'auto' from a depth of about 16 on (default: no anchors)",
+        "so float32 rounding cannot grow through deep stacks; 'auto' anchors every 4 "
+        "blocks the loops that can amplify rounding, 'none' never (default: auto)",
     )
     option("--epochs", "epochs in all, counting restored ones", type=int)
     option("--batch-size", "examples per step over all devices", type=int)
@@ -88,15 +88,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="print nothing")
 
 
-def _anchor(text: str) -> int | str:
+def _anchor(text: str) -> int | str | None:
     if text == "auto":
         return text
+    if text == "none":
+        return None
     try:
         k = int(text)
     except ValueError:
         k = 0
     if k < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer, 'auto' or 'none', got {text!r}")
     return k
 
 
@@ -108,7 +111,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     import jax
 
-    from moonjax._src.errors import MoonjaxError
+    from moonjax._src.errors import MoonjaxError, from_runtime_error
     from moonjax.train._loop import TrainConfig, fit
 
     if args.distributed:
@@ -134,8 +137,11 @@ def run_from_args(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
         result = fit(config)
-    except MoonjaxError as e:
-        print(f"moonjax train: error: {e}", file=sys.stderr)
+    except (MoonjaxError, jax.errors.JaxRuntimeError) as e:
+        found = e if isinstance(e, MoonjaxError) else from_runtime_error(e)
+        if found is None:
+            raise
+        print(f"moonjax train: error: {found}", file=sys.stderr)
         return 2
     if args.json and jax.process_index() == 0:
         with open(args.json, "w") as f:

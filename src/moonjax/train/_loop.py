@@ -43,9 +43,9 @@ class TrainConfig:
       mode: phase-1 mode for ``grad="moonwalk"`` (``"mixed"``, ``"reversible"``,
         ``"forward"``).
       anchor_every: for ``grad="moonwalk"``, ``mode="mixed"``: record an exact cotangent
-        every ``k`` blocks (an int, or ``"auto"``) and restart the sweep there, so float32
-        rounding cannot grow through deep stacks (see ``moonjax.moonwalk_grad``). Use
-        ``"auto"`` from a depth of about 16 on.
+        every ``k`` blocks (an int, ``"auto"``: every 4 blocks of the loops that can
+        amplify rounding, the default, or ``None``: never) and restart the sweep there, so
+        float32 rounding cannot grow through deep stacks (see ``moonjax.moonwalk_grad``).
       epochs: passes over the training split (in all, counting restored ones).
       batch_size: examples per step, over all devices (a multiple of their number).
       lr: Adam's learning rate.
@@ -66,7 +66,7 @@ class TrainConfig:
 
     grad: str = "moonwalk"
     mode: str = "mixed"
-    anchor_every: int | str | None = None
+    anchor_every: int | str | None = "auto"
     epochs: int = 20
     batch_size: int = 64
     lr: float = 1e-3
@@ -302,16 +302,6 @@ def _fit(config: TrainConfig | None, data: Dataset | None) -> TrainResult:
         + (f"; restored epoch {start_epoch} from {config.checkpoint}" if start_epoch else "")
     )
 
-    if (
-        config.grad == "moonwalk"
-        and config.mode == "mixed"
-        and config.anchor_every is None
-        and config.depth >= 16
-    ):
-        out.print(
-            f"  note: at depth {config.depth}, float32 rounding can grow through the sweep; "
-            "if training stalls, add --anchor-every auto"
-        )
     step_losses: list[float] = []
     train_seconds = 0.0
     prior_seconds = history[-1]["seconds"] if history else 0.0

@@ -52,7 +52,7 @@ def make_train_step(
     *,
     grad: str = "moonwalk",
     mode: str = "mixed",
-    anchor_every: int | str | None = None,
+    anchor_every: int | str | None = "auto",
     mesh: Mesh | None = None,
     donate: bool = False,
 ) -> Callable:

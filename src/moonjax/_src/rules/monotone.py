@@ -414,7 +414,8 @@ def derivative_sign(order, v, y, read) -> int | None:
     dtype = v.aval.dtype
     known = [_static_value(a) for a in outer]  # constants computed outside the region
     fixed = {id(a): np.asarray(k).reshape(-1)[0] for a, k in zip(outer, known)
-             if k is not None and np.size(k) and np.all(np.asarray(k) == np.asarray(k).reshape(-1)[0])}
+             if k is not None and np.size(k)
+             and np.all(np.asarray(k) == np.asarray(k).reshape(-1)[0])}
     outer = [a for a in outer if id(a) not in fixed]
     hulls = [_hull_of(_static_value(a)) for a in outer]
 
