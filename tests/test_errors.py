@@ -341,9 +341,12 @@ def _singular_loss(w, x):
     return jnp.sum(jnp.tanh(x @ w) ** 2)  # marker: singular
 
 
-def test_singular_weight_gives_non_finite_gradients_without_debug():
-    g = moonjax.moonwalk_grad(_singular_loss)(SINGULAR, jnp.ones((3, 2)))
-    assert not np.all(np.isfinite(g))
+def test_singular_weight_raises_drift_error_or_gives_nan_without_debug():
+    with pytest.raises(moonjax.DriftError, match="drifted non-finite") as e:
+        moonjax.moonwalk_grad(_singular_loss)(SINGULAR, jnp.ones((3, 2)))
+    assert "solves with the weight of `dot_general`" in str(e.value)
+    g = moonjax.moonwalk_grad(_singular_loss, on_drift="nan")(SINGULAR, jnp.ones((3, 2)))
+    assert np.all(np.isnan(g))
 
 
 def test_debug_names_the_primitive_and_line_of_a_singular_weight():

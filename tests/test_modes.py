@@ -194,8 +194,12 @@ def test_forward_batch_axis_with_mixed_examples_is_nan_or_an_error(mix):
     params = PARAMS["leaky"](jax.random.PRNGKey(0), 3, 6)
     x, y = data(jax.random.PRNGKey(1), 8, 6)
     loss = _mixing_loss(mix)
-    got = moonjax.moonwalk_grad(loss, mode="forward", batch_axis=0)(params, x, y)
+    got = moonjax.moonwalk_grad(loss, mode="forward", batch_axis=0, on_drift="nan")(
+        params, x, y)
     assert all(bool(jnp.all(jnp.isnan(g))) for g in jax.tree_util.tree_leaves(got))
+    # by default the NaN input cotangent fails the drift check, which says why
+    with pytest.raises(moonjax.DriftError, match="not independent"):
+        moonjax.moonwalk_grad(loss, mode="forward", batch_axis=0)(params, x, y)
     # without the claim, forward mode is exact on the same loss
     exact = moonjax.moonwalk_grad(loss, mode="forward")(params, x, y)
     assert rel_err(exact, jax.grad(loss)(params, x, y)) <= TOL

@@ -76,7 +76,11 @@ def test_without_anchors_a_bfloat16_dense_sweep_drifts():
     # why 16-bit inputs get anchor_every="auto" by default
     loss, args = _case("leaky", depth=16)
     # an anchor interval longer than the network: no anchors
-    reference, backprop, got = _three_grads(loss, args, jnp.bfloat16, anchor_every=1000)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="inaccurate gradient"):
+        jax.block_until_ready(_three_grads(loss, args, jnp.bfloat16, anchor_every=1000))
+    # the check is what stops it: unchecked, the gradient is far from backprop's
+    reference, backprop, got = _three_grads(loss, args, jnp.bfloat16, anchor_every=1000,
+                                            drift_tol=1e30)
     assert _rel(got, reference) > 10 * _rel(backprop, reference)
 
 

@@ -20,6 +20,7 @@ from moonjax._src.errors import (
     NotSubmersiveError,
     SpineStructureError,
     UnsupportedPrimitiveError,
+    from_runtime_error,
 )
 from moonjax._src.fidelity import FidelityReport, fidelity
 from moonjax._src.rules import register_vijp
@@ -40,6 +41,7 @@ __all__ = [
     "check",
     "custom_vijp",
     "fidelity",
+    "from_runtime_error",
     "moonwalk_grad",
     "moonwalk_value_and_grad",
     "register_vijp",

@@ -144,18 +144,28 @@ def moonwalk_value_and_grad(
       anchor_every: in ``"mixed"`` mode, let phase 1 record the exact carry cotangent
         every ``k`` steps of each ``lax.scan`` over layers and restart the sweep there,
         bounding the growth of rounding error to ``k`` layers at the cost of
-        ``depth / k`` stored cotangents. ``"auto"`` anchors every 2 steps the loops whose
-        sweep divides by derivatives or solves with weights (leaky-ReLU MLPs, affine
-        couplings) and leaves volume-preserving ones (additive couplings) alone.
-        ``None`` (the default): no anchors for float32/float64 inputs, ``"auto"`` when
-        the network input is bfloat16 or float16 (see the mixed-precision notes in the
-        reliability guide).
+        ``depth / k`` stored cotangents. ``"auto"`` (the default) anchors every 4 steps
+        the loops whose sweep divides by derivatives or solves with weights (leaky-ReLU
+        MLPs, affine couplings, LU dense layers) and leaves volume-preserving ones
+        (additive couplings) alone; ``None`` never anchors.
       batch_axis: in ``"forward"`` mode, ``0`` declares that the examples along axis 0
         of the network input are independent until the loss reduces over them (no
         batch norm, no attention across the batch). Phase 1 then takes one JVP per
         feature instead of one per entry: ``batch`` times fewer. ``2 ⌈log₂ batch⌉`` probe
         JVPs check the claim; if it fails the gradient is NaN (with ``debug``, an
         ``ArgumentError``).
+      drift_tol: the self-check's tolerance. Wherever the sweep meets an exact
+        cotangent (the loss head, an anchor, a recorded fragment) it measures its
+        drift ``‖ĝ - g‖ / ‖g‖``; beyond ``drift_tol`` the gradient would not be accurate
+        and is not returned. ``None``: by the network input's dtype, float32 7.6e-6
+        (64 eps), float64 1e-9, 16-bit 64 of their eps.
+      on_drift: ``"raise"`` (default): a drift beyond the tolerance raises
+        :class:`moonjax.DriftError` naming where it was measured, the steps that
+        amplify rounding with their source lines, and what to do; the call waits for
+        its result to check (under an outer ``jax.jit`` nothing waits, and the message
+        arrives in JAX's ``JaxRuntimeError`` when the result is used:
+        ``moonjax.from_runtime_error`` turns it back). ``"nan"``: every gradient
+        is NaN instead, with no host callback.
       debug: raise :class:`moonjax.NonFiniteCotangentError` if a swept cotangent is
         NaN/Inf (a singular weight), like ``jax_debug_nans``, naming the primitive and
         the source line. The call then waits for its result; under an outer
@@ -194,8 +204,8 @@ def moonwalk_value_and_grad(
     def checked(static, *dynamic):
         value, grads, (drifts, amplifiers) = _moonwalk(
             fun, has_aux, mode, fragments, static.anchors, debug, static, dynamic, batch_axis)
-        return value, D.guard(grads, drifts, amplifiers, static.drift_tol, on_drift,
-                              D.HINTS.get(mode, ""))
+        hint = D.HINTS.get(mode, "") + (D.HINTS["batch_axis"] if batch_axis is not None else "")
+        return value, D.guard(grads, drifts, amplifiers, static.drift_tol, on_drift, hint)
 
     compiled = jax.jit(checked, static_argnums=0)
 

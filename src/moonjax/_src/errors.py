@@ -108,7 +108,7 @@ def from_runtime_error(error: Exception) -> MoonjaxError | None:
         try:
             state = train_step(state, batch)
         except jax.errors.JaxRuntimeError as e:
-            raise (moonjax.errors.from_runtime_error(e) or e) from None
+            raise (moonjax.from_runtime_error(e) or e) from None
     """
     import re
 

@@ -25,7 +25,6 @@ from moonjax._src import graph as G
 from moonjax._src import masks
 from moonjax._src.errors import BATCH_MIXED, ArgumentError, where
 from moonjax._src.inverse import invert
-from moonjax._src.scan import blocks, unblocks
 from moonjax._src.sweep import is_float, stream_dependence
 
 
@@ -337,19 +336,28 @@ def _evaluate_probed(graph, invals, probes, anchors=None):
                                      reverse=p["reverse"], unroll=p["unroll"])
                 return [*carry, *ys]
             k, positions = anchors[node.index]
-            nb = p["length"] // k
+            first = k - 1 if p["reverse"] else 0  # a block's first step, in loop order
+            probes_ = entry["anchors"]
 
-            def block(carry, inputs):
-                x_blk, pr_blk, anchor = inputs
+            def anchored(carry, inputs):
+                # one loop, not a loop of blocks: a nested loop would make reverse mode
+                # keep a copy of every step's weights; here they are the loop's own xs
+                i, x, pr, own = inputs
                 carry = list(carry)
-                for i, a in zip(positions, anchor):
-                    carry[i] = carry[i] + a  # its cotangent: the exact one at block start
-                return lax.scan(step, carry, (x_blk, pr_blk), length=k, reverse=p["reverse"])
+                for j, (pos, a) in enumerate(zip(positions, probes_)):
+                    if k == 1:  # a probe per step: it is the step's own input
+                        carry[pos] = carry[pos] + own[j]
+                        continue
+                    a = lax.dynamic_index_in_dim(a, i // k, keepdims=False)
+                    # its cotangent: the exact carry cotangent at the start of the block
+                    carry[pos] = carry[pos] + jnp.where(i % k == first, a, jnp.zeros_like(a))
+                return step(carry, (x, pr))
 
-            carry, ys = lax.scan(block, init, (blocks(xs, nb, k), blocks(entry["body"], nb, k),
-                                               entry["anchors"]),
-                                 length=nb, reverse=p["reverse"])
-            return [*carry, *unblocks(ys)]
+            own = list(probes_) if k == 1 else []
+            carry, ys = lax.scan(anchored, init,
+                                 (jnp.arange(p["length"]), xs, entry["body"], own),
+                                 length=p["length"], reverse=p["reverse"])
+            return [*carry, *ys]
         return [o if e is None else o + e for o, e in zip(node.bind(*args), entry)]
 
     return evaluate(graph, invals, bind)

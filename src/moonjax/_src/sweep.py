@@ -200,12 +200,16 @@ class _Sweep:
         self.consumed: set[int] = set()
         self.wake: dict[int, list] = {}  # node id -> values to retry once it is evaluated
         self.from_reverse: set[int] = set()  # values whose cotangent reverse mode summed
+        self.divided: dict[int, tuple] = {}  # region output -> (swept input share, φ')
         if params is None:
             params = [is_float(v.aval) for v in graph.invars]
         self.param_dep = {id(v) for v, p, s in zip(graph.invars, params, stream) if p and not s}
         self._known_cts = known_cts
 
     # -- bookkeeping -------------------------------------------------------------------
+
+    def is_param(self, a) -> bool:
+        return isinstance(a, G.Value) and id(a) in self.param_dep
 
     def read(self, a):
         return a.val if isinstance(a, G.Lit) else self.val[id(a)]
@@ -472,6 +476,9 @@ class _Sweep:
         sum over its uses, or what a recorded fragment pulls back)."""
         if exact is None or swept is None or not is_float(v.aval):
             return
+        if id(v) in self.divided:  # v = φ(u) read by no parameter: compare at u
+            swept, dphi = self.divided.pop(id(v))
+            exact = exact * dphi
         node = v.producer if v.producer is not None else (v.uses[0][0] if v.uses else None)
         at = where(node.source_info) if node is not None else "the network input"
         D.note(D.Meeting(what, at), swept, exact)
@@ -678,6 +685,10 @@ class _Sweep:
                 dphi, _ = backprop(jnp.ones(y.aval.shape, y.aval.dtype))
             g_y = self.residual(v) / dphi
             self._check_finite(order[-1], g_y)
+            if not any(self.is_param(a) for n in order for a in n.inputs):
+                # no parameter reads g_y here: if reverse mode meets y, compare on the
+                # input side, where a division by a vanishing φ' did no harm
+                self.divided[id(y)] = (self.residual(v), dphi)
             if any(n.primitive.name not in SHIFTS for n in order):
                 D.amplifier(f"divides by the derivative of "
                             f"{'/'.join(dict.fromkeys(n.primitive.name for n in order))} at "
