@@ -39,7 +39,7 @@ from moonjax._src.errors import (
     equation_error,
     where,
 )
-from moonjax._src.rules import ct_dtype, elementwise_rules, vijp_rules
+from moonjax._src.rules import DEBUG, ct_dtype, elementwise_rules, vijp_rules
 from moonjax._src.rules.monotone import derivative_sign
 from moonjax._src.rules.structural import slice_partition
 
@@ -166,7 +166,11 @@ def sweep(graph, invals, stream, known_cts, *, head, params=None, debug=False,
     """
     state = _Sweep(graph, invals, stream, known_cts, head, params, debug, fragments)
     state.recorded_outputs = [graph.outvars[i] for i in recorded_outputs]
-    return state.run()
+    token = DEBUG.set(debug)
+    try:
+        return state.run()
+    finally:
+        DEBUG.reset(token)
 
 
 class _Sweep:
