@@ -40,6 +40,13 @@ class NonFiniteCotangentError(MoonjaxError, FloatingPointError):
     """``debug=True`` found a NaN or Inf in a swept cotangent (e.g. a singular weight)."""
 
 
+class NotPermutationError(NotSubmersiveError):
+    """A ``gather`` on the spine that moonjax crosses as a permutation (``x[:, perm]``,
+    ``jnp.take(x, perm, axis)``) got an index array that is not a permutation, so its
+    vijp is not unique. Checked at run time: the gradient is NaN, and with
+    ``debug=True`` this error names the user's line."""
+
+
 class DriftError(MoonjaxError, FloatingPointError):
     """The sweep's self-check: its cotangent drifted from an exact one (the loss head,
     an anchor, a recorded fragment) beyond the tolerance, so the gradient would not be
@@ -52,6 +59,10 @@ DRIFT_MARKER = "moonjax: inaccurate gradient"
 
 # how the ``debug`` check of ``batch_axis`` starts (it travels through a host callback)
 BATCH_MIXED = "moonjax: batch_axis=0, but the examples are not independent"
+
+# how the ``debug`` check of a permutation ``gather`` starts (it travels through a host
+# callback)
+NOT_PERMUTATION = "moonjax: the index array of a gather is not a permutation"
 
 # how the ``debug`` check's message starts (it travels through a host callback)
 NON_FINITE = "moonjax: non-finite swept cotangent"
@@ -113,7 +124,7 @@ def from_runtime_error(error: Exception) -> MoonjaxError | None:
     import re
 
     for marker, cls in ((DRIFT_MARKER, DriftError), (NON_FINITE, NonFiniteCotangentError),
-                        (BATCH_MIXED, ArgumentError)):
+                        (BATCH_MIXED, ArgumentError), (NOT_PERMUTATION, NotPermutationError)):
         found = re.search(re.escape(marker) + r"[^\n]*", str(error))
         if found is not None:
             return cls(found.group(0))

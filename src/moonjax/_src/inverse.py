@@ -99,8 +99,24 @@ def _dot_general(node, pos, y, invals):
     return jnp.transpose(x_t, [perm.index(i) for i in range(len(perm))])
 
 
+def _gather(node, pos, y, invals):
+    """A permutation ``y = take(x, perm, axis)``: ``x = take(y, argsort(perm), axis)``
+    (NaN if ``perm`` is not a permutation, checked at run time)."""
+    from moonjax._src.rules.structural import checked_permutation, permutation_axis
+
+    axis, reason = permutation_axis(node)
+    if pos != 0 or reason is not None:
+        raise equation_error(NotSubmersiveError, node,
+                             f"reversible mode cannot rebuild the input of this `gather`: "
+                             f"{reason or 'its indices depend on the network input'}",
+                             "gather a permutation of one axis, or use mode='mixed'")
+    perm = invals[1][:, 0]
+    x = jnp.take(y, jnp.argsort(perm), axis=axis)
+    return checked_permutation(node, perm, y.shape[axis], x)
+
+
 inverse_rules.update({lax.add_p: _add, lax.sub_p: _sub, lax.mul_p: _mul, lax.div_p: _div,
-                      lax.dot_general_p: _dot_general})
+                      lax.dot_general_p: _dot_general, lax.gather_p: _gather})
 
 
 def invert(graph: G.Graph, known: dict, targets: list) -> list:

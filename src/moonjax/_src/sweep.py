@@ -39,7 +39,7 @@ from moonjax._src.errors import (
     equation_error,
     where,
 )
-from moonjax._src.rules import ct_dtype, elementwise_rules, vijp_rules
+from moonjax._src.rules import DEBUG, ct_dtype, elementwise_rules, vijp_rules
 from moonjax._src.rules.monotone import derivative_sign
 from moonjax._src.rules.structural import slice_partition
 
@@ -166,7 +166,11 @@ def sweep(graph, invals, stream, known_cts, *, head, params=None, debug=False,
     """
     state = _Sweep(graph, invals, stream, known_cts, head, params, debug, fragments)
     state.recorded_outputs = [graph.outvars[i] for i in recorded_outputs]
-    return state.run()
+    token = DEBUG.set(debug)
+    try:
+        return state.run()
+    finally:
+        DEBUG.reset(token)
 
 
 class _Sweep:
@@ -201,6 +205,9 @@ class _Sweep:
         self.wake: dict[int, list] = {}  # node id -> values to retry once it is evaluated
         self.from_reverse: set[int] = set()  # values whose cotangent reverse mode summed
         self.divided: dict[int, tuple] = {}  # region output -> (swept input share, φ')
+        self.side_records: set[int] = set()  # recorded side outputs (not swept onwards)
+        self.escape_tier: dict[int, int] = {}  # value id -> escape records taken for it
+        self.stalled: list = []  # values to retry when nothing else is left to do
         if params is None:
             params = [is_float(v.aval) for v in graph.invars]
         self.param_dep = {id(v) for v, p, s in zip(graph.invars, params, stream) if p and not s}
@@ -364,7 +371,9 @@ class _Sweep:
         self.queue.extend(("fwd", v) for v in self.wake.pop(id(node), []))
 
     def settle(self):
-        while self.queue:
+        while self.queue or self.stalled:
+            if not self.queue:
+                self.queue.append(("fwd", self.stalled.pop(0)))
             kind, item = self.queue.popleft()
             if kind == "fwd":
                 if id(item) in self.ct and id(item) not in self.consumed:
@@ -419,6 +428,11 @@ class _Sweep:
 
     def _try_forward(self, v):
         uses = self.unresolved.get(id(v), [])
+        if id(v) in self.side_records:  # a recorded side output: checked, not swept
+            if not uses and id(v) not in self.consumed:
+                self._meet(v, self.ct[id(v)], self.acc.get(id(v)), "a recorded fragment")
+                self.consumed.add(id(v))
+            return
         if not uses:
             if id(v) in self.out_pending:
                 self._finish_output(v)
@@ -445,6 +459,8 @@ class _Sweep:
         elif len(nodes) == 1:
             done = self._rule(v, nodes[0])
         else:
+            if self._record_escapes(v, nodes):
+                return  # retried as the records resolve what it feeds
             first = min(nodes, key=lambda n: n.index)
             self.block(v, first, equation_error(
                 SpineStructureError, first,
@@ -493,6 +509,74 @@ class _Sweep:
         if self.fragments is not None and node.index in self.fragments:
             return self.fragments[node.index]
         return None
+
+    def _layers_ahead(self, v) -> bool:
+        """Whether what ``v`` feeds reads trained parameters (more layers to sweep), as
+        opposed to a loss head, which reverse mode differentiates at the end."""
+        stack, seen = [u for u, _ in v.uses], set()
+        while stack:
+            m = stack.pop()
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            if any(isinstance(a, G.Value) and id(a) in self.param_dep for a in m.inputs):
+                return True
+            stack.extend(u for o in m.outputs for u, _ in o.uses)
+        return False
+
+    def _record_escapes(self, v, nodes) -> bool:
+        """The fallback for a step with no rule (a residual ``h + f(h)``, a masked
+        autoregressive transformer, a side output such as a log-determinant that reaches
+        the loss outside the spine): take phase 1's record of the cotangents of the
+        values that leave what ``v`` feeds, so that reverse mode resolves it locally.
+
+        First the values reached through some of ``v``'s uses but not all (side outputs:
+        checked when their uses are, not swept onwards); if that is not enough, the
+        step's outputs (reached through all of them: swept onwards from the record).
+        Returns whether records were taken (the caller retries ``v`` as they resolve)."""
+        if self.fragments is None or not self.head or not self._layers_ahead(v):
+            # in a loop body, waiting is local to one layer: its outputs' records (at
+            # the end of the body) resolve it; in the loss head, reverse mode does
+            return False
+        tier = self.escape_tier.get(id(v), 0)
+        reach: dict[int, tuple] = {}
+        for k, n in enumerate(nodes):
+            stack, seen = [n], set()
+            while stack:
+                m = stack.pop()
+                if id(m) in seen or id(m) not in self.evaluated:
+                    continue
+                seen.add(id(m))
+                for o in m.outputs:
+                    reach.setdefault(id(o), (o, set()))[1].add(k)
+                    stack.extend(u for u, _ in o.uses)
+        escapes = [(o, ks) for o, ks in reach.values()
+                   if is_float(o.aval) and id(o) not in self.ct
+                   and id(o) not in self.out_pending
+                   and any(id(u) not in self.evaluated for u, _ in o.uses)]
+        side = [o for o, ks in escapes if len(ks) < len(nodes)]
+        step = [o for o, ks in escapes if len(ks) == len(nodes)]
+        chosen = side if tier == 0 and side else step if tier < 2 else []
+        if not chosen:
+            return False
+        self.escape_tier[id(v)] = 1 if chosen is side else 2
+        taken = False
+        for producer in {id(o.producer): o.producer for o in chosen}.values():
+            cts = self._fragment(producer)
+            if cts is None:
+                return False
+            kind = "side output" if chosen is side else "step output"
+            _report("fragment", [producer], f"recorded {kind} cotangent (no rule)",
+                    _float_bytes(producer))
+            for o, c in zip(producer.outputs, cts):
+                if c is not None and id(o) not in self.ct:
+                    if chosen is side:
+                        self.side_records.add(id(o))
+                    self.set_known(o, c)
+                    taken = True
+        if taken:
+            self.stalled.append(v)  # retried once what the records resolve has settled
+        return taken
 
     def _cross_with_fragment(self, v, node) -> bool:
         """Cross ``node`` with the exact output cotangents that phase 1 recorded."""
@@ -614,6 +698,13 @@ class _Sweep:
             first = min(region.values(), key=lambda n: n.index)
             nxt = min(expand.values(), key=lambda n: n.index) if expand else None
             if not frontier or nxt is None or nxt.primitive not in elementwise_rules:
+                if self.fragments is not None and self.head and self._layers_ahead(v):
+                    uses = list({id(n): n for n, _ in self.unresolved[id(v)]}.values())
+                    later = [u for u in uses if id(u) not in self.evaluated]
+                    for u in later:
+                        self.wake.setdefault(id(u), []).append(v)
+                    if later or self._record_escapes(v, uses):
+                        return False
                 self.block(v, first, equation_error(
                     NotSubmersiveError, first,
                     "an elementwise map of a spine value has several outputs that feed "

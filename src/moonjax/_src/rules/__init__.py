@@ -15,6 +15,7 @@ A rule of :data:`vijp_rules` is a :class:`VijpRule`; users add their own with
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +27,10 @@ elementwise_rules: dict[Any, Callable] = {}
 
 # primitive -> VijpRule
 vijp_rules: dict[Any, VijpRule] = {}
+
+# ``debug=True`` of the sweep running now: rules with a run-time check (a permutation
+# ``gather``) then raise at the user's line instead of returning NaN.
+DEBUG: contextvars.ContextVar[bool] = contextvars.ContextVar("moonjax_debug", default=False)
 
 
 @dataclasses.dataclass(frozen=True)

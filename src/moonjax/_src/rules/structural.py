@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -106,3 +107,78 @@ def slice_partition(nodes, aval):
     if pos != aval.shape[axis]:
         return None
     return axis, pieces
+
+
+# -- permutations by ``gather`` ---------------------------------------------------------
+#
+# ``x[:, perm]``, ``x[..., perm]`` and ``jnp.take(x, perm, axis)`` with an integer array
+# ``perm`` that the program holds are one ``gather`` whose indices have shape ``(n, 1)``
+# and pick whole slices along one axis of size ``n``, in place. If ``perm`` is a
+# permutation, the Jacobian is the permutation matrix ``P`` and ``vijp(g) = g P⁻ᵀ``:
+# the same gather applied to ``g`` (``y[j] = x[perm[j]]`` and ``g_x[perm[j]] = g_y[j]``).
+# Whether ``perm`` is a permutation is only known at run time: it is checked there.
+
+
+def permutation_axis(node):
+    """The axis that ``gather`` ``node`` permutes in place, or a reason it does not."""
+    x, idx, y = node.inputs[0].aval, node.inputs[1].aval, node.outputs[0].aval
+    dn = node.params["dimension_numbers"]
+    if len(dn.start_index_map) != 1 or tuple(dn.collapsed_slice_dims) != tuple(
+            dn.start_index_map):
+        return None, "`gather` picks along several axes"
+    (axis,) = dn.start_index_map
+    if dn.operand_batching_dims or dn.start_indices_batching_dims:
+        return None, "`gather` with batching dimensions"
+    n = x.shape[axis]
+    rest = tuple(d for d in range(len(x.shape)) if d != axis)
+    if (tuple(idx.shape) != (n, 1) or y.shape != x.shape
+            or tuple(dn.offset_dims) != rest
+            or tuple(node.params["slice_sizes"]) != tuple(
+                1 if d == axis else x.shape[d] for d in range(len(x.shape)))):
+        return None, (f"`gather` from shape {x.shape} to {y.shape} with indices of shape "
+                      f"{tuple(idx.shape)} is not a permutation of one axis in place "
+                      "(repeated, dropped or added entries leave a cokernel)")
+    return axis, None
+
+
+def is_permutation(perm, n):
+    """A boolean scalar: ``perm`` (integers) holds each of ``0..n-1`` once."""
+    return jnp.all(jnp.sort(perm) == jnp.arange(n, dtype=perm.dtype))
+
+
+def checked_permutation(node, perm, n, x):
+    """``x`` where ``perm`` is a permutation, else NaN; with ``debug`` (the sweep's
+    flag) a :class:`~moonjax.NotPermutationError` naming the user's line."""
+    from moonjax._src.errors import NOT_PERMUTATION, where
+    from moonjax._src.rules import DEBUG
+
+    ok = is_permutation(perm, n)
+    if DEBUG.get():
+        msg = (f"{NOT_PERMUTATION}: `gather` at {where(node.source_info)} reads entries "
+               "by an index array that repeats or skips some, so moonjax cannot invert it; "
+               "pass a permutation of the axis (e.g. from jax.random.permutation), or "
+               "gather outside the differentiated network")
+
+        def check(ok_):
+            if not bool(ok_):
+                raise FloatingPointError(msg)
+
+        jax.debug.callback(check, ok)
+    return jnp.where(ok, x, jnp.asarray(jnp.nan, x.dtype))
+
+
+def _gather_check(node, positions):
+    if positions != [0]:
+        return "`gather` reads a spine value as its indices"
+    return permutation_axis(node)[1]
+
+
+def _gather_vijp(node, positions, g_ins, invals):
+    axis, _ = permutation_axis(node)
+    indices = invals[1]
+    g = g_ins[0]
+    g_y = lax.gather(g, indices, **{**node.params, "fill_value": None})
+    return [checked_permutation(node, indices[:, 0], g.shape[axis], g_y)]
+
+
+vijp_rules[lax.gather_p] = VijpRule(_gather_vijp, _gather_check)
