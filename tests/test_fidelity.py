@@ -8,8 +8,10 @@ from nets import LAYERS, PARAMS, classification_loss, data, leaky_layer, rel_err
 import moonjax
 
 
-def _errors(kind, depth, methods, slope=0.1, d=32, batch=16):
-    kp, kd = jax.random.split(jax.random.PRNGKey(0))
+def _errors(kind, depth, methods, slope=0.1, d=32, batch=16, seed=0):
+    """Relative errors against float64 ``jax.grad``; ``None`` where the call refused
+    (``moonjax.DriftError``)."""
+    kp, kd = jax.random.split(jax.random.PRNGKey(seed))
     layer = (lambda h, p: leaky_layer(h, p, slope)) if kind == "leaky" else LAYERS[kind]
     loss = classification_loss(scanned(layer))
     params, x, y = PARAMS[kind](kp, depth, d), *data(kd, batch, d)
@@ -17,21 +19,25 @@ def _errors(kind, depth, methods, slope=0.1, d=32, batch=16):
     p32, x32, y32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), (params, x, y))
     out = {"jax.grad": rel_err(jax.jit(jax.grad(loss))(p32, x32, y32), ref)}
     for name, kwargs in methods.items():
-        out[name] = rel_err(jax.jit(moonjax.moonwalk_grad(loss, **kwargs))(p32, x32, y32), ref)
+        try:
+            out[name] = rel_err(moonjax.moonwalk_grad(loss, **kwargs)(p32, x32, y32), ref)
+        except moonjax.DriftError:
+            out[name] = None
     return out
 
 
-def test_anchors_keep_a_deep_leaky_mlp_within_10x_of_float32_backprop():
-    err = _errors("leaky", 256, {"anchor4": {"anchor_every": 4},
-                                 "auto": {"anchor_every": "auto"}, "none": {}})
-    assert err["anchor4"] <= 10 * err["jax.grad"]
-    assert err["auto"] <= 10 * err["jax.grad"]
-    assert not err["none"] <= 10 * err["jax.grad"]  # why anchors exist (overflow / nan)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_default_keeps_a_deep_leaky_mlp_within_10x_of_float32_backprop(seed):
+    """Slope 0.1, depth 256: the default anchors often enough (or refuses); without
+    anchors the sweep is refused, never returned."""
+    err = _errors("leaky", 256, {"default": {}, "none": {"anchor_every": None}}, seed=seed)
+    assert err["default"] is None or err["default"] <= 10 * err["jax.grad"]
+    assert err["none"] is None  # why anchors exist: the drift check refuses the sweep
 
 
 def test_additive_revnet_needs_no_anchor_for_moderate_depth():
-    err = _errors("additive", 64, {"none": {}})
-    assert err["none"] <= 3 * err["jax.grad"]
+    err = _errors("additive", 64, {"none": {"anchor_every": None}})
+    assert err["none"] is not None and err["none"] <= 3 * err["jax.grad"]
 
 
 @pytest.mark.parametrize("anchor", [1, 3, "auto"])
@@ -88,8 +94,9 @@ def _f32_case(kind, depth, slope=0.1, d=16, batch=8):
 
 def test_fidelity_flags_an_ill_conditioned_sweep_layer_by_layer():
     loss, args = _f32_case("leaky", 16)
-    report = moonjax.fidelity(loss, *args)
+    report = moonjax.fidelity(loss, *args, anchor_every=None)
     assert report.reference == "float64" and not report.ok()
+    assert report.drift > report.drift_tol and "BEYOND the tolerance" in str(report)
     assert report.backprop_error < 1e-5 and report.error > 1e3 * report.backprop_error
     per_layer = report.layers["['w']"]
     assert per_layer.shape == (16,) and per_layer[-1] > 1e3 * per_layer[0]  # grows with depth

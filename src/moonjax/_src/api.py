@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -157,8 +158,8 @@ def moonwalk_value_and_grad(
       drift_tol: the self-check's tolerance. Wherever the sweep meets an exact
         cotangent (the loss head, an anchor, a recorded fragment) it measures its
         drift ``‖ĝ - g‖ / ‖g‖``; beyond ``drift_tol`` the gradient would not be accurate
-        and is not returned. ``None``: by the network input's dtype, float32 7.6e-6
-        (64 eps), float64 1e-9, 16-bit 64 of their eps.
+        and is not returned. ``None``: by the network input's dtype, float32 1.5e-5
+        (128 eps), float64 1e-9, 16-bit 64 of their eps.
       on_drift: ``"raise"`` (default): a drift beyond the tolerance raises
         :class:`moonjax.DriftError` naming where it was measured, the steps that
         amplify rounding with their source lines, and what to do; the call waits for
@@ -278,6 +279,7 @@ def moonwalk_value_and_grad(
 # with a weight (error can grow layer by layer) are anchored every AUTO_ANCHOR steps;
 # volume-preserving ones (additive couplings, shifts, moves) are not anchored.
 AUTO_ANCHOR = 4
+AUTO_GROWTH = 100.0
 
 
 def _amplifies(step) -> bool:
@@ -289,11 +291,38 @@ def _amplifies(step) -> bool:
     return False
 
 
+def _auto_interval(step) -> int:
+    """How often ``"auto"`` anchors a loop: every ``AUTO_ANCHOR`` steps, or more often
+    where its body divides by a known small slope ``s`` (leaky-ReLU's ``mul`` by a
+    constant): every ``k`` steps with ``(1/s)^k`` at most ``AUTO_GROWTH``."""
+    scalars = [_literal(a) for s in step.inner if s.kind == "region" for n in s.nodes
+               if n.primitive.name == "mul" for a in n.inputs]
+    slopes = [abs(c) for c in scalars if c is not None and 0 < abs(c) < 1]
+    if not slopes:
+        return AUTO_ANCHOR
+    return max(1, min(AUTO_ANCHOR, int(math.log(AUTO_GROWTH) / -math.log(min(slopes)))))
+
+
+def _literal(a) -> float | None:
+    """The value of a scalar literal operand, looking through dtype conversions."""
+    while isinstance(a, G.Value) and a.producer is not None and (
+            a.producer.primitive.name in ("convert_element_type", "broadcast_in_dim")):
+        a = a.producer.inputs[0]
+    if isinstance(a, G.Lit) and np.ndim(a.val) == 0:
+        return float(a.val)
+    return None
+
+
 def _auto_anchors(graph, stream_pos, steps) -> dict:
     """``anchor_every="auto"``: the loops whose swept body amplifies rounding."""
-    return {i: kp for i, kp in anchor_plan(graph, stream_pos, AUTO_ANCHOR).items()
-            if any(s.kind == "scan" and s.nodes[0].index == i and _amplifies(s)
-                   for s in steps)}
+    plan = {}
+    for s in steps:
+        if s.kind == "scan" and _amplifies(s):
+            i = s.nodes[0].index
+            entry = anchor_plan(graph, stream_pos, _auto_interval(s)).get(i)
+            if entry is not None:
+                plan[i] = entry
+    return plan
 
 
 class _NeedsRecords(Exception):

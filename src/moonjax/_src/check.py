@@ -113,8 +113,9 @@ class LayerGroup:
       groups: the groups of a scan's body (per iteration).
       stability: how the sweep keeps the group's rounding in check:
         ``"volume-preserving"`` (shifts and moves: rounding does not grow),
-        ``"anchored every k"`` (a loop that solves with weights or divides by
-        derivatives, restarted from an exact cotangent every ``k`` steps),
+        ``"anchored every k"`` or ``"anchored (auto, ...)"`` (a loop that solves with
+        weights or divides by derivatives, restarted from an exact cotangent every few
+        steps),
         ``"drift-checked"`` (it may amplify rounding; the call's drift check raises
         :class:`moonjax.DriftError` if it did), ``"exact"`` (reverse mode, or a fragment
         phase 1 recorded).
@@ -442,8 +443,11 @@ def _with_stability(groups, mode: str, anchor_every) -> tuple[LayerGroup, ...]:
             label = "exact"
         elif not _amplifies(g):
             label = "volume-preserving"
+        elif g.role == "scan" and mode == "mixed" and anchor_every == "auto":
+            # every AUTO_ANCHOR steps, or more often after a small leaky slope
+            label = f"anchored (auto, every <= {AUTO_ANCHOR})"
         elif g.role == "scan" and mode == "mixed" and anchor_every is not None:
-            k = AUTO_ANCHOR if anchor_every == "auto" else int(anchor_every)
+            k = int(anchor_every)
             k = max(d for d in range(1, min(k, g.length) + 1) if g.length % d == 0)
             label = f"anchored every {k}" if k < g.length else "drift-checked"
         else:
