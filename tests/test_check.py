@@ -228,10 +228,13 @@ def test_value_feeding_two_layers_fails_with_a_structure_error():
         h = x + jnp.tanh(x @ w)  # marker
         return jnp.sum(h @ w)
 
-    r = check(loss, jnp.eye(4), RELU_X)
+    r = check(loss, jnp.eye(4), RELU_X, fragments=False)
     assert not r.ok and isinstance(r.error, moonjax.SpineStructureError)
     assert f"{HERE}:{line_of(loss, '# marker')}" in r.location
     assert "coupling" in r.suggestion
+    # by default phase 1 records the residual's output cotangent instead: exact, stored
+    rescued = check(loss, jnp.eye(4), RELU_X)
+    assert rescued.ok and rescued.fragment_bytes > 0
 
 
 # -- arguments, options, formats -----------------------------------------------------------
@@ -337,7 +340,7 @@ def test_cli_file_target_with_kwargs_exits_0_and_shows_fragments(capsys):
 def test_cli_not_ok_exits_1(capsys):
     code, out, _ = _cli(capsys, f"{TARGETS}:relu_net", "--no-fragments")
     assert code == 1 and "NotSubmersiveError" in out and "check_targets.py:" in out
-    code, out, _ = _cli(capsys, f"{TARGETS}:residual_net")
+    code, out, _ = _cli(capsys, f"{TARGETS}:residual_net", "--no-fragments")
     assert code == 1 and "SpineStructureError" in out
 
 
