@@ -180,7 +180,8 @@ def message(vals, meetings, amplifiers, tol, hint: str = "") -> str:
         f"one at {worst_at}; the tolerance is {tol:.3g}, so the gradient would not be "
         f"accurate.{why}{hint} Solving with an ill-conditioned weight or dividing by a small "
         "derivative (leaky_relu's slope, a saturated tanh) amplifies rounding at every "
-        "layer it crosses. Fix: anchor the loop more often (anchor_every=1), build the "
+        "layer it crosses. Fix: anchor the loop more often (anchor_every=2, or 1: accurate at "
+        "backprop's memory or more), build the "
         "layers from volume-preserving blocks (additive couplings, moonjax.nn), compute "
         "in float64, or use jax.grad for this network; drift_tol=... sets the tolerance "
         "and on_drift='nan' returns NaN gradients instead of raising.")
