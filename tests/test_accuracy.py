@@ -149,7 +149,7 @@ def test_drift_error_names_the_line_the_drift_and_the_fix():
     assert f"the tolerance is {D.tolerance(jnp.float32):.3g}" in text
     assert "solves with the weight of `dot_general` at" in text
     assert "test_accuracy.py" in text.split("amplify rounding:")[1]
-    assert "anchor_every=1" in text and "jax.grad" in text and "on_drift='nan'" in text
+    assert "anchor_every=2" in text and "jax.grad" in text and "on_drift='nan'" in text
 
 
 def test_drift_is_checked_under_an_outer_jit_and_vmap():
