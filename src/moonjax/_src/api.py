@@ -147,8 +147,10 @@ def moonwalk_value_and_grad(
         bounding the growth of rounding error to ``k`` layers at the cost of
         ``depth / k`` stored cotangents. ``"auto"`` (the default) anchors every 4 steps
         the loops whose sweep divides by derivatives or solves with weights (leaky-ReLU
-        MLPs, affine couplings, LU dense layers) and leaves volume-preserving ones
-        (additive couplings) alone; ``None`` never anchors.
+        MLPs, affine couplings, LU dense layers), more often after a known small slope
+        ``s`` (every ``k`` with ``(1/s)^k <= 100``) and every 2 at most for 16-bit
+        inputs, and leaves volume-preserving ones (additive couplings) alone; ``None``
+        never anchors.
       batch_axis: in ``"forward"`` mode, ``0`` declares that the examples along axis 0
         of the network input are independent until the loss reduces over them (no
         batch norm, no attention across the batch). Phase 1 then takes one JVP per
