@@ -6,6 +6,16 @@ import pytest
 jax.config.update("jax_enable_x64", True)
 
 
+@pytest.fixture
+def x64():
+    """float64 on for the test, restored after it (the suite turns it on globally; a
+    test that needs it says so)."""
+    old = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", old)
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False,
                      help="also run tests marked slow (benchmarks)")

@@ -81,6 +81,15 @@ def data(key, batch, d, dtype=jnp.float64):
     return x, y
 
 
+def assert_grads_close(got, want, rtol=1e-8):
+    """Leaf by leaf, ``rtol`` relative to each entry and to the leaf's largest entry."""
+    got, want = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)
+    assert len(got) == len(want) and want
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol,
+                                   atol=rtol * float(jnp.max(jnp.abs(w))))
+
+
 def rel_err(a, b):
     num = sum(float(jnp.sum((x - y) ** 2)) for x, y in
               zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True))

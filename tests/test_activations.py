@@ -14,17 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from nets import assert_grads_close
 
 import moonjax
-
-
-@pytest.fixture
-def x64():
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", old)
-
 
 # swept by g / φ'(x): the derivative is proved never to vanish
 MONOTONE = {
@@ -99,12 +91,6 @@ def make(seed, width=5, depth=2, batch=7):
                0.3 * jax.random.normal(ks[2 * i + 1], (width,))) for i in range(depth)]
     x = 1.5 * jax.random.normal(ks[-1], (batch, width))
     return params, x
-
-
-def assert_grads_close(got, want, rtol=1e-8):
-    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol,
-                                   atol=rtol * float(jnp.max(jnp.abs(w))))
 
 
 @pytest.mark.parametrize("name", sorted(MONOTONE))

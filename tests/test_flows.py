@@ -7,25 +7,11 @@ import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax import lax
+from nets import assert_grads_close
 
 import moonjax
-
-
-@pytest.fixture
-def x64():
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", old)
-
-
-def assert_grads_close(got, want, rtol=1e-8):
-    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol,
-                                   atol=rtol * float(jnp.max(jnp.abs(w))))
 
 
 def coupling(h, p):

@@ -10,21 +10,13 @@ the structure error.
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax import lax
+from nets import assert_grads_close
 
 import moonjax
 
 DIM = 4
-
-
-def assert_grads_close(got, want, rtol=1e-8):
-    got, want = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)
-    assert len(got) == len(want) and want
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol,
-                                   atol=rtol * float(jnp.max(jnp.abs(w))))
 
 
 def data(seed, batch=8):

@@ -14,16 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
+from nets import assert_grads_close
 
 import moonjax
 
 DIM = 6
-
-
-def assert_grads_close(got, want, rtol=1e-8):
-    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol,
-                                   atol=rtol * float(jnp.max(jnp.abs(w))))
 
 
 def coupling(h, p):
