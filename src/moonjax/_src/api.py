@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
@@ -330,6 +331,17 @@ def _auto_anchors(graph, stream_pos, steps) -> dict:
     return plan
 
 
+@contextlib.contextmanager
+def _reporting(active: bool):
+    """The sweep's steps (:data:`REPORT`) while the block runs, if ``active``."""
+    steps: list = []
+    token = REPORT.set(steps if active else None)
+    try:
+        yield steps
+    finally:
+        REPORT.reset(token)
+
+
 class _NeedsRecords(Exception):
     """Internal: phase 1 must record cotangents (anchors) before the sweep."""
 
@@ -435,18 +447,14 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
         outs, g_stream, _ = mixed_with_probes(graph, invals, stream_pos, Collect(), {})
         loss, aux = outs[0], None
     plan = {}
+    auto = anchor_every == "auto" and mode == "mixed"  # anchors chosen from the sweep
     if mode == "mixed" and isinstance(anchor_every, int):
         plan = anchor_plan(graph, stream_pos, anchor_every)
     try:
         if plan:
             raise _NeedsRecords
-        steps = []
-        token = REPORT.set(steps if anchor_every == "auto" and mode == "mixed" else None)
-        try:
-            with D.measuring() as measured:
-                _, _, in_cts = run_sweep({pos[j]: g for j, g in zip(static.stream, g_stream)})
-        finally:
-            REPORT.reset(token)
+        with _reporting(auto) as steps, D.measuring() as measured:
+            _, _, in_cts = run_sweep({pos[j]: g for j, g in zip(static.stream, g_stream)})
         plan = _auto_anchors(graph, stream_pos, steps)
         if plan:
             raise _NeedsRecords
@@ -460,13 +468,9 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
         collected = Collect()
         if fragments:
             zeros = {pos[j]: jnp.zeros_like(g) for j, g in zip(static.stream, g_stream)}
-            steps = []
-            token = REPORT.set(steps if anchor_every == "auto" and mode == "mixed" else None)
-            try:
+            with _reporting(auto) as steps:
                 run_sweep(zeros, fragments=collected)
-            finally:
-                REPORT.reset(token)
-            if anchor_every == "auto" and not plan:
+            if auto and not plan:
                 plan = _auto_anchors(graph, stream_pos, steps)
         outs, g_stream, recorded = mixed_with_probes(graph, invals, stream_pos, collected, plan)
         loss = outs[0]

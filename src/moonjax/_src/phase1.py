@@ -156,8 +156,6 @@ def forward(graph, invals, stream_pos):
     return outs, grads
 
 
-
-
 def forward_batched(graph, invals, stream_pos, debug=False):
     """``forward`` for independent examples along axis 0 of every stream input.
 
@@ -311,54 +309,51 @@ def _evaluate_probed(graph, invals, probes, anchors=None):
 
     def bind(node, args):
         entry = probes.get(node.index)
+        if node.primitive is lax.scan_p:
+            return loop(node, args, entry or {})
         if node.primitive is lax.select_n_p and len(args) == 3 and masks.packable(
                 node.inputs[0].aval, [a.aval for a in node.inputs[1:]]):
-            out = [masks.select(*args)]
-            return out if entry is None else [o if e is None else o + e
-                                              for o, e in zip(out, entry)]
-        if entry is None and node.primitive is lax.scan_p:
-            entry = {}
-        if entry is None:
+            outs = [masks.select(*args)]
+        elif entry is None:
             return None
-        if node.primitive is lax.scan_p:
-            p = node.params
-            nc, ncar = p["num_consts"], p["num_carry"]
-            body, body_consts = G.flatten(p["jaxpr"])
+        else:
+            outs = node.bind(*args)
+        return outs if entry is None else [o if e is None else o + e
+                                           for o, e in zip(outs, entry)]
 
-            def step(carry, inputs):
-                x, pr = inputs
-                outs = _evaluate_probed(body, [*body_consts, *args[:nc], *carry, *x], pr)
-                return outs[:ncar], outs[ncar:]
+    def loop(node, args, entry):
+        p = node.params
+        nc, ncar = p["num_consts"], p["num_carry"]
+        body, body_consts = G.flatten(p["jaxpr"])
 
-            init, xs = list(args[nc:nc + ncar]), list(args[nc + ncar:])
-            if "anchors" not in entry:
-                carry, ys = lax.scan(step, init, (xs, entry), length=p["length"],
-                                     reverse=p["reverse"], unroll=p["unroll"])
-                return [*carry, *ys]
-            k, positions = anchors[node.index]
-            first = k - 1 if p["reverse"] else 0  # a block's first step, in loop order
-            probes_ = entry["anchors"]
+        def step(carry, inputs):
+            x, pr = inputs
+            outs = _evaluate_probed(body, [*body_consts, *args[:nc], *carry, *x], pr)
+            return outs[:ncar], outs[ncar:]
 
-            def anchored(carry, inputs):
-                # one loop, not a loop of blocks: a nested loop would make reverse mode
-                # keep a copy of every step's weights; here they are the loop's own xs
-                i, x, pr, own = inputs
-                carry = list(carry)
-                for j, (pos, a) in enumerate(zip(positions, probes_)):
-                    if k == 1:  # a probe per step: it is the step's own input
-                        carry[pos] = carry[pos] + own[j]
-                        continue
-                    a = lax.dynamic_index_in_dim(a, i // k, keepdims=False)
-                    # its cotangent: the exact carry cotangent at the start of the block
-                    carry[pos] = carry[pos] + jnp.where(i % k == first, a, jnp.zeros_like(a))
-                return step(carry, (x, pr))
-
-            own = list(probes_) if k == 1 else []
-            carry, ys = lax.scan(anchored, init,
-                                 (jnp.arange(p["length"]), xs, entry["body"], own),
-                                 length=p["length"], reverse=p["reverse"])
+        init, xs = list(args[nc:nc + ncar]), list(args[nc + ncar:])
+        if "anchors" not in entry:
+            carry, ys = lax.scan(step, init, (xs, entry), length=p["length"],
+                                 reverse=p["reverse"], unroll=p["unroll"])
             return [*carry, *ys]
-        return [o if e is None else o + e for o, e in zip(node.bind(*args), entry)]
+        k, positions = anchors[node.index]
+        first = k - 1 if p["reverse"] else 0  # a block's first step, in loop order
+        probes_ = entry["anchors"]
+
+        def anchored(carry, inputs):
+            # one loop, not a loop of blocks: a nested loop would make reverse mode
+            # keep a copy of every step's weights; here they are the loop's own xs
+            i, x, pr = inputs
+            carry = list(carry)
+            for pos, a in zip(positions, probes_):
+                a = lax.dynamic_index_in_dim(a, i // k, keepdims=False)
+                # its cotangent: the exact carry cotangent at the start of the block
+                carry[pos] = carry[pos] + jnp.where(i % k == first, a, jnp.zeros_like(a))
+            return step(carry, (x, pr))
+
+        carry, ys = lax.scan(anchored, init, (jnp.arange(p["length"]), xs, entry["body"]),
+                             length=p["length"], reverse=p["reverse"])
+        return [*carry, *ys]
 
     return evaluate(graph, invals, bind)
 
