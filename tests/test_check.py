@@ -201,10 +201,15 @@ def test_relu_net_without_fragments_fails_at_the_relu_line():
     assert text.startswith("moonjax check: FAILED") and "NotSubmersiveError" in text
 
 
-@pytest.mark.parametrize("mode", ["reversible", "forward"])
-def test_relu_net_fails_in_modes_without_fragments(mode):
-    r = check(relu_loss, RELU_W, RELU_X, mode=mode)
+def test_relu_net_fails_in_forward_mode_without_fragments():
+    r = check(relu_loss, RELU_W, RELU_X, mode="forward")
     assert not r.ok and isinstance(r.error, moonjax.NotSubmersiveError)
+
+
+def test_reversible_mode_takes_unrolled_layers_by_reverse_mode():
+    r = check(relu_loss, RELU_W, RELU_X, mode="reversible")
+    assert r.ok and r.treatment == "reversible"
+    assert "forces reversible backprop" in r.plan and "no lax.scan" in r.plan
 
 
 def sort_loss(w, x):

@@ -83,12 +83,39 @@ def test_fragments_inside_a_scan():
     assert rel_err(moonjax.moonwalk_grad(loss)(ws, x, y), jax.grad(loss)(ws, x, y)) <= TOL
 
 
-def test_reversible_and_forward_do_not_take_fragments():
+def test_forward_does_not_take_fragments():
     loss, params = _relu_mlp((4, 4, 4), 0)
     x = jnp.ones((2, 4))
-    for mode in ("reversible", "forward"):
-        with pytest.raises(moonjax.NotSubmersiveError):
-            moonjax.moonwalk_grad(loss, mode=mode)(params, x, x)
+    with pytest.raises(moonjax.NotSubmersiveError):
+        moonjax.moonwalk_grad(loss, mode="forward")(params, x, x)
+
+
+def _scanned(body):
+    return lambda ws, x: jnp.sum(jax.lax.scan(lambda h, w: (body(h, w), None), x, ws)[0])
+
+
+def test_reversible_names_a_loop_body_without_inverse():
+    loss = _scanned(lambda h, w: jnp.sort(h @ w, -1))
+    ws = jnp.stack([jnp.eye(4)] * 3)
+    with pytest.raises(moonjax.NotSubmersiveError, match="test_modes.py"):
+        moonjax.moonwalk_grad(loss, mode="reversible")(ws, jnp.ones((2, 4)))
+
+
+def test_reversible_through_a_lossy_body_is_refused():
+    # relu forgets the negative entries: the rebuilt input is wrong, the check says so
+    loss = _scanned(lambda h, w: jax.nn.relu(h @ w))
+    ws = jnp.stack([jnp.eye(4)] * 3)
+    x = jax.random.normal(jax.random.key(0), (2, 4))
+    with pytest.raises(moonjax.DriftError, match="rebuilt"):
+        moonjax.moonwalk_grad(loss, mode="reversible")(ws, x)
+
+
+def test_reversible_takes_unrolled_layers_by_reverse_mode(x64):
+    # no loop to invert: reverse mode, exact (the memory of jax.grad)
+    loss, params = _relu_mlp((4, 4, 4), 0)
+    x = jax.random.normal(jax.random.key(1), (2, 4), jnp.float64)
+    got = moonjax.moonwalk_grad(loss, mode="reversible")(params, x, x)
+    assert rel_err(got, jax.grad(loss)(params, x, x)) <= 1e-12
 
 
 # -- memory vs depth, from XLA's own accounting (float32) ------------------------------

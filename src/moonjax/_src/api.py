@@ -26,10 +26,12 @@ from moonjax._src.errors import (
 )
 from moonjax._src.phase1 import MODES as PHASE1
 from moonjax._src.phase1 import anchor_plan, forward_batched, mixed_with_probes
+from moonjax._src.phase1 import reversible as reversible_backprop
+from moonjax._src.plan import REVERSIBLE, analyse
 from moonjax._src.rules import VijpRule
 from moonjax._src.sweep import REPORT, SHIFTS, Collect, sweep
 
-MODES = ("mixed", "reversible", "forward")
+MODES = ("auto", "mixed", "reversible", "forward")
 
 
 def _normalize_argnums(argnums, nargs: int, name: str) -> tuple[int, ...]:
@@ -109,7 +111,7 @@ def moonwalk_value_and_grad(
     has_aux: bool = False,
     *,
     stream_argnums: int | Sequence[int] | None = None,
-    mode: str = "mixed",
+    mode: str = "auto",
     fragments: bool = True,
     anchor_every: int | str | None = "auto",
     batch_axis: int | None = None,
@@ -134,11 +136,19 @@ def moonwalk_value_and_grad(
         the first argument after those in ``argnums`` (else the first one not in
         ``argnums``). May overlap ``argnums`` to also get the
         input gradient. Labels and masks should stay out of it.
-      mode: how phase 1 gets ``g₀``. ``"mixed"``: a reverse pass for the input
-        cotangent only, storing what that needs (weights, sign masks), not activations.
-        ``"reversible"``: a reverse pass that rebuilds each layer of a ``lax.scan``
-        by inverting it, so memory is flat in depth. ``"forward"``: one JVP per entry
-        of the input, storing nothing (time grows with the input size).
+      mode: the treatment. ``"auto"`` (the default): a static plan of the program
+        picks the cheapest exact and stable one (``moonjax.check`` shows it):
+        reversible backprop when every ``lax.scan`` over layers inverts by additions
+        and moves alone (additive couplings, permutations), Moonwalk (``"mixed"``)
+        otherwise. The others force one treatment: ``"mixed"``: a reverse pass for
+        the input cotangent only, storing what that needs (weights, sign masks), not
+        activations, then the sweep. ``"reversible"``: reversible backprop, no sweep:
+        each ``lax.scan`` over layers keeps its final carry only and, going back,
+        rebuilds every step's input by inverting it and takes the step's vjp (the
+        rest of the program, unrolled layers included, is reverse mode); the rebuilt
+        input is checked against the true one like a drift. ``"forward"``: one JVP
+        per entry of the input, storing nothing (time grows with the input size),
+        then the sweep.
       fragments: in ``"mixed"`` mode, let phase 1 record the exact output cotangent of
         each spine step that is not submersive (ReLU, an expanding dense layer, a
         primitive without a vijp rule) so the sweep can cross it: memory grows with
@@ -206,9 +216,10 @@ def moonwalk_value_and_grad(
             "other modes need no such hint")
 
     def checked(static, *dynamic):
-        value, grads, (drifts, amplifiers) = _moonwalk(
+        value, grads, (drifts, amplifiers), treatment = _moonwalk(
             fun, has_aux, mode, fragments, static.anchors, debug, static, dynamic, batch_axis)
-        hint = D.HINTS.get(mode, "") + (D.HINTS["batch_axis"] if batch_axis is not None else "")
+        hint = D.HINTS.get((mode, treatment), "") + (
+            D.HINTS["batch_axis"] if batch_axis is not None else "")
         return value, D.guard(grads, drifts, amplifiers, static.drift_tol, on_drift, hint)
 
     compiled = jax.jit(checked, static_argnums=0)
@@ -270,7 +281,7 @@ def moonwalk_value_and_grad(
         """``(grads, [(Meeting, drift)], amplifying steps, tolerance)``, unchecked and
         eager: what ``moonjax.fidelity`` and ``moonjax.check`` report."""
         static, dynamic = prepare(args, kwargs)
-        _, grads, (found, amplifiers) = _moonwalk(
+        _, grads, (found, amplifiers), _ = _moonwalk(
             fun, has_aux, mode, fragments, static.anchors, debug, static, dynamic, batch_axis)
         return grads, [(m, float(d)) for m, d in found], amplifiers, static.drift_tol
 
@@ -382,73 +393,80 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
         _check_loss(out, has_aux)
         return out
 
-    # Phase 1: the exact cotangent of the stream, parameters held constant.
-    def phase1(*stream_vals):
-        vals = list(flat)
-        for j, s in zip(static.stream, stream_vals):
-            vals[j] = s
-        out = call(vals)
-        return (out[0], out[1]) if has_aux else (out, None)
-
     dyn_ix = [j for j in range(len(flat)) if j not in static_at]
-    if mode == "mixed" and not has_aux:
-        pass  # phase 1 runs on the graph below, with bit-packed sign masks
-    elif mode == "mixed":
-        loss, pullback, aux = jax.vjp(phase1, *[flat[j] for j in static.stream],
-                                      has_aux=True)
-        g_stream = pullback(jnp.ones_like(loss))
-    else:
+
+    def traced(with_aux: bool):
+        """The loss (and its aux leaves) as a graph over the dynamic leaves: the graph,
+        its input values, each dynamic leaf's invar position, and ``outs -> (loss, aux)``."""
         aux_tree = {}
 
-        def loss_and_aux(*dyn_vals):
+        def loss_fn(*dyn_vals):
             vals = list(flat)
             for j, v in zip(dyn_ix, dyn_vals):
                 vals[j] = v
             out = call(vals)
             if not has_aux:
                 return [out]
+            if not with_aux:
+                return [out[0]]
             aux_leaves, aux_tree["tree"] = jax.tree_util.tree_flatten(out[1])
             return [out[0], *aux_leaves]
 
-        closed_aux = jax.make_jaxpr(loss_and_aux)(*[flat[j] for j in dyn_ix])
-        graph_aux, consts_aux = G.flatten(closed_aux)
-        at = {j: len(consts_aux) + k for k, j in enumerate(dyn_ix)}
+        graph, consts = G.flatten(jax.make_jaxpr(loss_fn)(*[flat[j] for j in dyn_ix]))
+        pos = {j: len(consts) + k for k, j in enumerate(dyn_ix)}
+        unpack = lambda outs: (outs[0], jax.tree_util.tree_unflatten(
+            aux_tree["tree"], outs[1:]) if "tree" in aux_tree else None)
+        return graph, list(consts) + [flat[j] for j in dyn_ix], pos, unpack
+
+    graph, invals, pos, _ = traced(False)
+    stream_pos = [pos[j] for j in static.stream]
+    treatment = mode
+    if mode == "auto":  # the plan: from the program alone
+        treatment = "reversible" if analyse(graph, stream_pos).treatment == REVERSIBLE \
+            else "mixed"
+    if treatment != "mixed":
+        graph_aux, invals_aux, pos_aux, unpack = traced(True) if has_aux else (
+            graph, invals, pos, lambda outs: (outs[0], None))
+        stream_at = [pos_aux[j] for j in static.stream]
+        if treatment == "reversible":  # reversible backprop: every cotangent at once
+            wanted = list(dict.fromkeys(static.stream + static.params))
+            with D.measuring() as measured:
+                outs, cts = reversible_backprop(graph_aux, invals_aux, stream_at,
+                                                [pos_aux[j] for j in wanted])
+            loss, aux = unpack(outs)
+            value = (loss, aux) if has_aux else loss
+            return value, _grads(static, flat, dict(zip(wanted, cts))), measured, treatment
         phase1_of = PHASE1[mode] if batch_axis is None else functools.partial(
             forward_batched, debug=debug)
-        outs, g_stream = phase1_of(graph_aux, list(consts_aux) + [flat[j] for j in dyn_ix],
-                                   [at[j] for j in static.stream])
-        loss = outs[0]
-        aux = jax.tree_util.tree_unflatten(aux_tree["tree"], outs[1:]) if has_aux else None
+        outs, g_stream = phase1_of(graph_aux, invals_aux, stream_at)
+        loss, aux = unpack(outs)
+    elif has_aux:  # phase 1 in reverse mode for the input cotangent, parameters fixed
+        def phase1(*stream_vals):
+            vals = list(flat)
+            for j, s in zip(static.stream, stream_vals):
+                vals[j] = s
+            out = call(vals)
+            return out[0], out[1]
+
+        loss, pullback, aux = jax.vjp(phase1, *[flat[j] for j in static.stream],
+                                      has_aux=True)
+        g_stream = pullback(jnp.ones_like(loss))
 
     # Phase 2: the sweep, on the program of the loss alone.
-
-    def loss_only(*dyn_vals):
-        vals = list(flat)
-        for j, v in zip(dyn_ix, dyn_vals):
-            vals[j] = v
-        out = call(vals)
-        return out[0] if has_aux else out
-
-    closed = jax.make_jaxpr(loss_only)(*[flat[j] for j in dyn_ix])
-    graph, consts = G.flatten(closed)
-    nc = len(consts)
-    pos = {j: nc + k for k, j in enumerate(dyn_ix)}
-    stream_mask = [False] * (nc + len(dyn_ix))
-    params_mask = [False] * (nc + len(dyn_ix))
+    stream_mask = [False] * len(invals)
+    params_mask = [False] * len(invals)
     for j in static.stream:
         stream_mask[pos[j]] = True
     for j in static.params:
         params_mask[pos[j]] = True
-    invals = list(consts) + [flat[j] for j in dyn_ix]
     run_sweep = functools.partial(sweep, graph, invals, stream_mask, head=True,
                                   params=params_mask, debug=debug)
-    stream_pos = [pos[j] for j in static.stream]
-    if mode == "mixed" and not has_aux:
+    if treatment == "mixed" and not has_aux:
         outs, g_stream, _ = mixed_with_probes(graph, invals, stream_pos, Collect(), {})
         loss, aux = outs[0], None
     plan = {}
-    auto = anchor_every == "auto" and mode == "mixed"  # anchors chosen from the sweep
-    if mode == "mixed" and isinstance(anchor_every, int):
+    auto = anchor_every == "auto" and treatment == "mixed"  # anchors chosen from the sweep
+    if treatment == "mixed" and isinstance(anchor_every, int):
         plan = anchor_plan(graph, stream_pos, anchor_every)
     try:
         if plan:
@@ -460,7 +478,7 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
             raise _NeedsRecords
     except (NotSubmersiveError, UnsupportedPrimitiveError, SpineStructureError,
             _NeedsRecords) as e:
-        if mode != "mixed" or (not fragments and not isinstance(e, _NeedsRecords)):
+        if treatment != "mixed" or (not fragments and not isinstance(e, _NeedsRecords)):
             raise
         # Fragmental checkpointing (and anchors): find the spine steps the sweep cannot
         # invert, let phase 1 record their exact output cotangents (and the anchored
@@ -477,17 +495,21 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
         with D.measuring() as measured:
             _, _, in_cts = run_sweep({pos[j]: g for j, g in zip(static.stream, g_stream)},
                                      fragments=recorded)
-    stream_ct = dict(zip(static.stream, g_stream))
+    cts = {j: in_cts[pos[j]] for j in static.params}
+    cts.update(zip(static.stream, g_stream))
+    value = (loss, aux) if has_aux else loss
+    return value, _grads(static, flat, cts), measured, treatment
+
+
+def _grads(static: _Static, flat, cts: dict):
+    """The gradients' pytrees from the cotangents ``cts`` of the flat leaves."""
     grads = []
     for i in static.diff:
-        gl = []
-        for j in range(offsets[i], offsets[i + 1]):
-            c = stream_ct[j] if j in stream_ct else in_cts[pos[j]]
-            gl.append(c if c is not None else jnp.zeros_like(flat[j]))
-        grads.append(jax.tree_util.tree_unflatten(treedefs[i], gl))
-    grads = grads[0] if static.single else tuple(grads)
-    value = (loss, aux) if has_aux else loss
-    return value, grads, measured
+        gl = [cts.get(j) for j in range(static.offsets[i], static.offsets[i + 1])]
+        gl = [c if c is not None else jnp.zeros_like(x)
+              for c, x in zip(gl, flat[static.offsets[i]:static.offsets[i + 1]])]
+        grads.append(jax.tree_util.tree_unflatten(static.treedefs[i], gl))
+    return grads[0] if static.single else tuple(grads)
 
 
 def moonwalk_grad(
@@ -496,7 +518,7 @@ def moonwalk_grad(
     has_aux: bool = False,
     *,
     stream_argnums: int | Sequence[int] | None = None,
-    mode: str = "mixed",
+    mode: str = "auto",
     fragments: bool = True,
     anchor_every: int | str | None = "auto",
     batch_axis: int | None = None,

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moonjax._src import graph as G
+from moonjax._src import plan as P
 from moonjax._src import sweep as S
 from moonjax._src.errors import (
     ArgumentError,
@@ -119,6 +120,8 @@ class LayerGroup:
         ``"drift-checked"`` (it may amplify rounding; the call's drift check raises
         :class:`moonjax.DriftError` if it did), ``"exact"`` (reverse mode, or a fragment
         phase 1 recorded).
+      treatment: for a loop, what the plan gives it and why: ``"reversible backprop
+        (...)"`` (one carry kept, nothing per step) or ``"moonwalk (...)"``.
     """
 
     location: str
@@ -129,6 +132,7 @@ class LayerGroup:
     length: int = 1
     groups: tuple[LayerGroup, ...] = ()
     stability: str = ""
+    treatment: str = ""
 
     def walk(self):
         """This group and all groups nested in it, depth first."""
@@ -148,6 +152,7 @@ class LayerGroup:
             "fragment_bytes": self.fragment_bytes,
             "length": self.length,
             "stability": self.stability,
+            "treatment": self.treatment,
             "steps": [s.to_dict() for s in self.steps],
             "groups": [g.to_dict() for g in self.groups],
         }
@@ -171,6 +176,9 @@ class CheckReport:
       groups: the layer groups, in sweep order.
       rules: spine primitive name -> the rule families that crossed it.
       mode, fragments: the options checked.
+      treatment: what the gradient runs: ``"reversible"`` (reversible backprop),
+        ``"mixed"`` (Moonwalk) or ``"forward"``; with ``mode="auto"`` the plan's
+        choice, and ``plan`` says why.
       notes: anything else worth knowing.
     """
 
@@ -187,6 +195,8 @@ class CheckReport:
     location: str | None = None
     suggestion: str | None = None
     notes: tuple[str, ...] = ()
+    treatment: str = ""
+    plan: str = ""
 
     def __repr__(self) -> str:
         err = None if self.error is None else type(self.error).__name__
@@ -208,6 +218,8 @@ class CheckReport:
             "location": self.location,
             "suggestion": self.suggestion,
             "mode": self.mode,
+            "treatment": self.treatment,
+            "plan": self.plan,
             "fragments": self.fragments,
             "submersive": self.submersive,
             "fragment_bytes": self.fragment_bytes,
@@ -226,6 +238,8 @@ class CheckReport:
 
     def _headline(self) -> str:
         opts = f"mode={self.mode!r}, fragments={self.fragments}"
+        if self.treatment and self.treatment != self.mode:
+            opts += f" -> {_TREATMENTS[self.treatment]}"
         if not self.ok:
             return f"moonjax check: FAILED ({opts}): {type(self.error).__name__}"
         if self.submersive:
@@ -239,7 +253,7 @@ class CheckReport:
             for i, g in enumerate(groups, 1):
                 idx = f"{prefix}{i}"
                 if g.role == "scan":
-                    steps = f"scan x{g.length}: sweeps its body with a scan"
+                    steps = f"scan x{g.length}: {g.treatment or 'sweeps its body with a scan'}"
                 elif g.role in ("side", "head"):
                     steps = "reverse mode: " + _counted(g.primitives())
                 else:
@@ -251,7 +265,7 @@ class CheckReport:
         return list(rows(self.groups, ""))
 
     def _tail(self) -> list[str]:
-        lines = []
+        lines = [f"plan: {self.plan}"] if self.plan else []
         if self.rules:
             lines.append("spine rules: " + ", ".join(
                 f"{p} -> {'/'.join(r)}" for p, r in sorted(self.rules.items())))
@@ -292,6 +306,10 @@ class CheckReport:
             style = "red" if r[3] == "NO" else None
             table.add_row(*r, style=style)
         return Group(table, Text("\n".join(self._tail())))
+
+
+_TREATMENTS = {"reversible": "reversible backprop", "mixed": "Moonwalk (mixed phase 1, sweep)",
+               "forward": "forward phase 1, sweep"}
 
 
 def _bytes(n: int) -> str:
@@ -607,7 +625,7 @@ def check(
     argnums: int | Sequence[int] = 0,
     stream_argnums: int | Sequence[int] | None = None,
     has_aux: bool = False,
-    mode: str = "mixed",
+    mode: str = "auto",
     fragments: bool = True,
     anchor_every: int | str | None = "auto",
     **kwargs: Any,
@@ -658,14 +676,19 @@ def check(
         error = e
 
     steps, analysis_error, fragment_error = [], None, None
+    plan, treatment = None, mode
     if layout is not None and not isinstance(error, (ArgumentError, LossShapeError)):
         layout.set_roles(argnums, stream_argnums)
-        steps, analysis_error, fragment_error = _analyse(loss, layout, has_aux, mode,
+        plan = _planned(loss, layout, has_aux)
+        if mode == "auto" and plan is not None:
+            treatment = "reversible" if plan.treatment == P.REVERSIBLE else "mixed"
+        steps, analysis_error, fragment_error = _analyse(loss, layout, has_aux, treatment,
                                                          fragments)
         if error is None and analysis_error is not None:  # pragma: no cover - divergence
             notes.append(f"the analysis trace stopped early ({analysis_error!r}); the "
                          "table may be incomplete")
-    groups = _with_stability(_groups(steps), mode, anchor_every)
+    groups = _with_treatments(_with_stability(_groups(steps), treatment, anchor_every),
+                              plan, treatment)
     total = sum(g.fragment_bytes for g in groups)
     submersive = error is None and fragment_error is None and total == 0
     primitive = location = suggestion = None
@@ -681,4 +704,51 @@ def check(
         ok=error is None, error=error, mode=mode, fragments=fragments, groups=groups,
         rules=_rules(groups), submersive=submersive, fragment_bytes=total,
         fragment_error=fragment_error, primitive=primitive, location=location,
-        suggestion=suggestion, notes=tuple(notes))
+        suggestion=suggestion, notes=tuple(notes), treatment=treatment,
+        plan=_plan_text(plan, mode, treatment))
+
+
+def _planned(loss, layout: _Layout, has_aux: bool) -> P.Plan | None:
+    """The plan of the loss (``None`` if it cannot be traced: the error says why)."""
+    def loss_only(*d):
+        out = layout.call(loss, d)
+        return out[0] if has_aux else out
+
+    try:
+        graph, consts = G.flatten(jax.make_jaxpr(loss_only)(*layout.dynamic()))
+    except (MoonjaxError, TypeError, ValueError):
+        return None
+    nc = len(consts)
+    return P.analyse(graph, [nc + k for k, j in enumerate(layout.dyn_ix)
+                             if j in layout.stream])
+
+
+def _plan_text(plan: P.Plan | None, mode: str, treatment: str) -> str:
+    if plan is None:
+        return ""
+    if mode == "auto":
+        return f"{_TREATMENTS[treatment]}: {plan.reason}"
+    return f"mode={mode!r} forces {_TREATMENTS[treatment]} (the default would choose " \
+           f"{_TREATMENTS['reversible' if plan.treatment == P.REVERSIBLE else 'mixed']}: " \
+           f"{plan.reason})"
+
+
+def _with_treatments(groups, plan: P.Plan | None, treatment: str):
+    """The scan groups with the plan's treatment of their loop."""
+    if plan is None:
+        return groups
+    at = {_line_key(lp.where): lp for lp in plan.loops}
+    out = []
+    for g in groups:
+        lp = at.get(g.location) if g.role == "scan" else None
+        if lp is not None and treatment == "reversible":
+            g = dataclasses.replace(g, treatment="reversible backprop, nothing kept per "
+                                    f"step ({lp.reason})", stability="volume-preserving"
+                                    if lp.treatment == P.REVERSIBLE else "drift-checked")
+        elif lp is not None:
+            g = dataclasses.replace(g, treatment=f"sweeps its body with a scan "
+                                    f"(reversible backprop: {lp.reason})")
+        elif treatment == "reversible":  # outside the loops: reverse mode, no sweep
+            g = dataclasses.replace(g, stability="exact")
+        out.append(g)
+    return tuple(out)

@@ -59,8 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "argument after argnums)")
     parser.add_argument("--has-aux", action="store_true",
                         help="the loss returns (loss, aux)")
-    parser.add_argument("--mode", default="mixed", choices=("mixed", "reversible", "forward"),
-                        help="phase 1 mode to check (default: mixed)")
+    parser.add_argument("--mode", default="auto",
+                        choices=("auto", "mixed", "reversible", "forward"),
+                        help="the treatment to check (default: auto, the plan's choice)")
     parser.add_argument("--no-fragments", action="store_true",
                         help="check with fragments=False: non-submersive layers are errors")
     parser.add_argument("--strict", action="store_true",

@@ -52,6 +52,7 @@ class Meeting:
     what: str  # "the loss head", "an anchor", "a recorded fragment", ...
     where: str  # the user's file:line
     loop: str = ""  # the enclosing lax.scan's file:line, if any
+    measured: str = "the sweep's cotangent"  # what drifted from its exact value
 
     def describe(self) -> str:
         inside = f" (inside the loop at {self.loop})" if self.loop else ""
@@ -170,13 +171,13 @@ def message(vals, meetings, amplifiers, tol, hint: str = "") -> str:
     """The error's text: where, how much, why, what to do."""
     per = np.nanmax(np.where(np.isnan(vals), np.inf, vals), axis=0)
     k = int(np.argmax(per))
-    worst_at = meetings[k].describe()
+    worst_at, measured = meetings[k].describe(), meetings[k].measured
     steps = "; ".join(amplifiers[:3]) + (f"; and {len(amplifiers) - 3} more"
                                          if len(amplifiers) > 3 else "")
     why = (f" The swept steps that can amplify rounding: {steps}." if steps else "")
     drift = "non-finite" if not math.isfinite(per[k]) else f"{per[k]:.3g}"
     return (
-        f"{DRIFT_MARKER}: the sweep's cotangent drifted {drift} (relative) from the exact "
+        f"{DRIFT_MARKER}: {measured} drifted {drift} (relative) from the exact "
         f"one at {worst_at}; the tolerance is {tol:.3g}, so the gradient would not be "
         f"accurate.{why}{hint} Solving with an ill-conditioned weight or dividing by a small "
         "derivative (leaky_relu's slope, a saturated tanh) amplifies rounding at every "
@@ -189,9 +190,13 @@ def message(vals, meetings, amplifiers, tol, hint: str = "") -> str:
 
 # What the message adds for a mode whose phase 1 can itself lose the digits.
 HINTS = {
-    "reversible": (" mode='reversible' rebuilds every layer's input by inverting the layer, "
-                   "which amplifies rounding the same way before the sweep starts: use the "
-                   "default mode='mixed' (anchored where needed)."),
+    ("reversible", "reversible"): (
+        " mode='reversible' rebuilds every layer's input by inverting the layer, and where "
+        "the inverse divides or solves the rounding grows layer by layer: use the default "
+        "mode (Moonwalk, anchored where needed)."),
+    ("auto", "reversible"): (
+        " The default ran reversible backprop (every loop's inverse adds and moves only); "
+        "mode='mixed' runs Moonwalk's sweep instead."),
     "batch_axis": (" With batch_axis=0 a non-finite drift also means that the examples "
                    "are not independent (phase 1 made the input cotangent NaN): "
                    "debug=True names where they meet, or drop batch_axis."),

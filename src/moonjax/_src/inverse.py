@@ -11,12 +11,14 @@ steps started at its output, which are exact for sign-preserving piecewise-linea
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from moonjax._src import graph as G
-from moonjax._src.errors import NotSubmersiveError, equation_error
+from moonjax._src.errors import NotSubmersiveError, equation_error, where
 from moonjax._src.rules import elementwise_rules
 from moonjax._src.rules.linear import solve_right
 
@@ -119,90 +121,137 @@ inverse_rules.update({lax.add_p: _add, lax.sub_p: _sub, lax.mul_p: _mul, lax.div
                       lax.dot_general_p: _dot_general, lax.gather_p: _gather})
 
 
-def invert(graph: G.Graph, known: dict, targets: list) -> list:
-    """Values of ``targets`` given ``known`` (``id(Value) -> value``) in ``graph``."""
-    val = dict(known)
+# Inverse rules that rebuild an input exactly, up to the rounding of one addition or a
+# move: a loop made of these (additive couplings, permutations, reshapes) does not
+# amplify rounding from step to step, so reversible backprop through it is stable.
+VOLUME_PRESERVING = {lax.add_p, lax.sub_p, lax.neg_p, lax.copy_p, lax.reshape_p,
+                     lax.squeeze_p, lax.broadcast_in_dim_p, lax.transpose_p, lax.rev_p,
+                     lax.gather_p, lax.convert_element_type_p}
+
+
+@dataclasses.dataclass(frozen=True)
+class Move:
+    """One step of an inversion: ``kind`` is ``"eval"`` (all inputs known: evaluate),
+    ``"split"``, ``"concat"``, ``"slices"`` (moves of a partition), ``"rule"`` (rebuild
+    input ``pos`` with :data:`inverse_rules`) or ``"region"`` (Newton steps through the
+    elementwise ``region`` with unknown ``root``)."""
+
+    kind: str
+    node: G.Node
+    pos: int = -1
+    region: tuple = ()
+    root: G.Value | None = None
+
+    def describe(self) -> str:
+        """What the move does to rounding, and where (for messages)."""
+        nodes = self.region or (self.node,)
+        name = "/".join(dict.fromkeys(n.primitive.name for n in nodes))
+        how = {"region": "takes Newton steps through", "rule": "inverts"}.get(self.kind, "moves")
+        if self.kind == "rule" and self.node.primitive is lax.dot_general_p:
+            how = "solves with the weight of"
+        elif self.kind == "rule" and not self.preserving:
+            how = "divides to invert"
+        return f"{how} `{name}` at {where(nodes[0].source_info)}"
+
+    @property
+    def preserving(self) -> bool:
+        """Whether this move rebuilds its input without amplifying rounding."""
+        if self.kind == "rule":
+            return self.node.primitive in VOLUME_PRESERVING
+        return self.kind != "region"
+
+
+@dataclasses.dataclass(frozen=True)
+class Inversion:
+    """How to rebuild ``targets`` of a layer from what is known: the ``moves`` in
+    order, or the ``stuck`` node where no rule applies."""
+
+    moves: tuple
+    stuck: G.Node | None
+
+    @property
+    def amplifier(self) -> Move | None:
+        """The first move that can amplify rounding (a division, a solve, Newton)."""
+        return next((m for m in self.moves if not m.preserving), None)
+
+
+def plan_inversion(graph: G.Graph, known, targets: list) -> Inversion:
+    """The moves that rebuild ``targets`` given the values whose ids are in ``known``:
+    a static analysis (shapes and structure only, nothing runs)."""
+    have_ids = set(known)
     done: set[int] = set()
-    have = lambda a: isinstance(a, G.Lit) or id(a) in val
-    read = lambda a: a.val if isinstance(a, G.Lit) else val[id(a)]
+    moves: list = []
+    have = lambda a: isinstance(a, G.Lit) or id(a) in have_ids
     progress = True
-    while progress and not all(id(t) in val for t in targets):
+    while progress and not all(id(t) in have_ids for t in targets):
         progress = False
         for node in graph.nodes:
             if id(node) in done:
                 continue
             if all(have(a) for a in node.inputs):
-                for o, x in zip(node.outputs, node.bind(*[read(a) for a in node.inputs])):
-                    val.setdefault(id(o), x)
-                done.add(id(node))
-                progress = True
-            elif _invert_node(node, val, have, read, done):
-                progress = True
-    missing = [t for t in targets if id(t) not in val]
-    if missing:
-        stuck = [n for n in graph.nodes if id(n) not in done]
-        node = stuck[-1] if stuck else None
-        if node is None:
-            raise NotSubmersiveError("reversible mode could not rebuild a layer's input")
-        raise equation_error(
-            NotSubmersiveError, node,
-            "reversible mode cannot rebuild this layer's input from its output",
-            "use mode='mixed', or build the layer from invertible moonjax.nn modules")
-    return [val[id(t)] for t in targets]
+                move = Move("eval", node)
+            else:
+                move = _inverse_move(node, have, have_ids)
+            if move is None:
+                continue
+            moves.append(move)
+            done.update(map(id, move.region or (node,)))
+            progress = True
+            if move.kind == "eval":
+                have_ids.update(map(id, node.outputs))
+            elif move.kind == "region":
+                have_ids.add(id(move.root))
+            elif move.kind == "rule":
+                have_ids.add(id(node.inputs[move.pos]))
+            else:
+                have_ids.update(id(a) for a in _rebuilt(move))
+    stuck = None
+    if not all(id(t) in have_ids for t in targets):
+        left = [n for n in graph.nodes if id(n) not in done]
+        stuck = left[-1] if left else graph.nodes[-1]
+    return Inversion(tuple(moves), stuck)
 
 
-def _invert_node(node, val, have, read, done) -> bool:
+def _rebuilt(move: Move) -> list:
+    """The inputs a move of a partition rebuilds."""
+    node = move.node
+    if move.kind == "slices":
+        return [node.inputs[0]]
+    return [a for a in node.inputs if isinstance(a, G.Value)]
+
+
+def _inverse_move(node, have, have_ids) -> Move | None:
     prim = node.primitive
-    if not all(id(o) in val or not _is_float(o) for o in node.outputs):
-        return False
+    if not all(id(o) in have_ids or not _is_float(o) for o in node.outputs):
+        return None
     unknown = [p for p, a in enumerate(node.inputs) if not have(a)]
-    if prim is lax.split_p and all(id(o) in val for o in node.outputs):
-        val[id(node.inputs[0])] = lax.concatenate([val[id(o)] for o in node.outputs],
-                                                  node.params["axis"])
-    elif prim is lax.concatenate_p and id(node.outputs[0]) in val:
-        y, start, dim = val[id(node.outputs[0])], 0, node.params["dimension"]
-        for a in node.inputs:
-            size = a.aval.shape[dim]
-            if not have(a):
-                val[id(a)] = lax.slice_in_dim(y, start, start + size, axis=dim)
-            start += size
-    elif prim is lax.slice_p:
-        return _invert_slices(node, val)
-    elif len(unknown) == 1 and prim in inverse_rules and len(node.outputs) == 1 and (
-            id(node.outputs[0]) in val):
-        pos = unknown[0]
-        invals = [None if p == pos else read(a) for p, a in enumerate(node.inputs)]
-        val[id(node.inputs[pos])] = inverse_rules[prim](node, pos, val[id(node.outputs[0])],
-                                                        invals)
-    elif prim in elementwise_rules and len(node.outputs) == 1 and id(node.outputs[0]) in val:
-        return _invert_region(node, val, have, read, done)
-    else:
-        return False
-    done.add(id(node))
-    return True
+    if prim is lax.split_p:
+        return Move("split", node)
+    if prim is lax.concatenate_p:
+        return Move("concat", node)
+    if prim is lax.slice_p:
+        x = node.inputs[0]
+        group = [n for n, _ in x.uses if n.primitive is lax.slice_p]
+        if all(id(n.outputs[0]) in have_ids for n in group) and _slice_partition(group, x):
+            return Move("slices", node)
+        return None
+    if len(node.outputs) != 1 or id(node.outputs[0]) not in have_ids:
+        return None
+    if len(unknown) == 1 and prim in inverse_rules:
+        return Move("rule", node, pos=unknown[0])
+    if prim in elementwise_rules:
+        return _region_move(node, have)
+    return None
 
 
-def _is_float(v) -> bool:
-    return jnp.issubdtype(v.aval.dtype, jnp.inexact)
-
-
-def _invert_slices(node, val) -> bool:
+def _slice_partition(group, x):
     from moonjax._src.rules.structural import slice_partition
 
-    x = node.inputs[0]
-    group = [n for n, _ in x.uses if n.primitive is lax.slice_p]
-    if not all(id(n.outputs[0]) in val for n in group):
-        return False
-    part = slice_partition(group, x.aval)
-    if part is None:
-        return False
-    axis, pieces = part
-    val[id(x)] = lax.concatenate([val[id(n.outputs[0])] for _, _, n in pieces], axis)
-    return True
+    return slice_partition(group, x.aval)
 
 
-def _invert_region(node, val, have, read, done) -> bool:
-    """Newton steps for an elementwise region ``y = φ(v)`` with one unknown root ``v``."""
+def _region_move(node, have) -> Move | None:
+    """An elementwise region ``y = φ(v)`` around ``node`` with one unknown root ``v``."""
     region = {id(node): node}
     while True:
         inner = {id(o) for n in region.values() for o in n.outputs}
@@ -214,25 +263,75 @@ def _invert_region(node, val, have, read, done) -> bool:
                   if a.producer is not None and a.producer.primitive in elementwise_rules
                   and all(id(u) in region for u, _ in a.uses)]
         if not expand:
-            return False
+            return None
         region.update((id(n), n) for n in expand)
     (v,) = unknown.values()
     if not _is_float(v) or v.aval.shape != node.outputs[0].aval.shape:
-        return False
-    order = sorted(region.values(), key=lambda n: n.index)
-    y = val[id(node.outputs[0])]
+        return None
+    order = tuple(sorted(region.values(), key=lambda n: n.index))
+    return Move("region", node, region=order, root=v)
+
+
+def invert(graph: G.Graph, known: dict, targets: list, inversion: Inversion | None = None
+           ) -> list:
+    """Values of ``targets`` given ``known`` (``id(Value) -> value``) in ``graph``,
+    by the moves of ``inversion`` (planned here if not given)."""
+    if inversion is None:
+        inversion = plan_inversion(graph, known, targets)
+    if inversion.stuck is not None:
+        raise equation_error(
+            NotSubmersiveError, inversion.stuck,
+            "reversible mode cannot rebuild this layer's input from its output",
+            "use mode='mixed', or build the layer from invertible moonjax.nn modules")
+    val = dict(known)
+    read = lambda a: a.val if isinstance(a, G.Lit) else val[id(a)]
+    for move in inversion.moves:
+        node = move.node
+        if move.kind == "eval":
+            for o, x in zip(node.outputs, node.bind(*[read(a) for a in node.inputs])):
+                val.setdefault(id(o), x)
+        elif move.kind == "split":
+            val[id(node.inputs[0])] = lax.concatenate([val[id(o)] for o in node.outputs],
+                                                      node.params["axis"])
+        elif move.kind == "concat":
+            y, start, dim = val[id(node.outputs[0])], 0, node.params["dimension"]
+            for a in node.inputs:
+                size = a.aval.shape[dim]
+                if isinstance(a, G.Value) and id(a) not in val:
+                    val[id(a)] = lax.slice_in_dim(y, start, start + size, axis=dim)
+                start += size
+        elif move.kind == "slices":
+            x = node.inputs[0]
+            group = [n for n, _ in x.uses if n.primitive is lax.slice_p]
+            axis, pieces = _slice_partition(group, x)
+            val[id(x)] = lax.concatenate([val[id(n.outputs[0])] for _, _, n in pieces], axis)
+        elif move.kind == "rule":
+            invals = [None if p == move.pos else read(a) for p, a in enumerate(node.inputs)]
+            val[id(node.inputs[move.pos])] = inverse_rules[node.primitive](
+                node, move.pos, val[id(node.outputs[0])], invals)
+        else:
+            val[id(move.root)] = _newton(move, val[id(node.outputs[0])], read)
+    return [val[id(t)] for t in targets]
+
+
+def _is_float(v) -> bool:
+    return jnp.issubdtype(v.aval.dtype, jnp.inexact)
+
+
+def _newton(move: Move, y, read):
+    """Newton steps for ``y = φ(v)`` started at ``y``: exact for sign-preserving
+    piecewise-linear maps (leaky-ReLU)."""
+    v, out = move.root, move.node.outputs[0]
 
     def phi(a):
         env = {id(v): a}
         get = lambda x: env[id(x)] if id(x) in env else read(x)
-        for n in order:
+        for n in move.region:
             env.update(zip(map(id, n.outputs), n.bind(*[get(x) for x in n.inputs])))
-        return env[id(node.outputs[0])]
+        return env[id(out)]
 
     a = y
     for _ in range(NEWTON_STEPS):
         f, df = jax.jvp(phi, (a,), (jnp.ones_like(a),))
         a = a - (f - y) / df
-    val[id(v)] = a
-    done.update(region)
-    return True
+    return a

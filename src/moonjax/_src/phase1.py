@@ -3,9 +3,10 @@
 * ``mixed``: a reverse pass for the input cotangent only (see ``api``): parameters are
   constants, so it stores what the input vjp needs (weights, sign masks), not the
   activations the parameter gradients would need.
-* ``reversible``: the same reverse pass, but every ``lax.scan`` over layers keeps only
-  its final carry; going back, each layer's input is rebuilt from its output by
-  inverting the layer (:mod:`moonjax._src.inverse`). Memory is flat in depth.
+* ``reversible`` (no sweep follows): reverse mode for every cotangent, but every
+  ``lax.scan`` over layers keeps only its final carry; going back, each layer's input
+  is rebuilt from its output by inverting the layer (:mod:`moonjax._src.inverse`) and
+  the layer's vjp gives its parameter cotangents on the spot. Memory is flat in depth.
 * ``forward``: forward-mode JVPs, one per entry of the input, one at a time. Nothing is
   stored; time grows with the size of the input. With independent examples
   (``batch_axis=0``), one JVP per feature moves every example at once, and the loss
@@ -14,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -21,10 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from moonjax._src import drift as D
 from moonjax._src import graph as G
 from moonjax._src import masks
 from moonjax._src.errors import BATCH_MIXED, ArgumentError, where
-from moonjax._src.inverse import invert
+from moonjax._src.inverse import Inversion, invert, plan_inversion
 from moonjax._src.sweep import is_float, stream_dependence
 
 
@@ -41,33 +44,74 @@ def evaluate(graph: G.Graph, invals, bind=None):
     return [read(o) for o in graph.outvars]
 
 
-def reversible(graph, invals, stream_pos):
-    """``(outvals, g_stream)`` with loops differentiated by inversion."""
+def reversible(graph, invals, stream_pos, diff_pos):
+    """Reversible backprop derived from the program: ``(outvals, cotangents of
+    diff_pos)``. Every ``lax.scan`` over the stream keeps only its final carry; going
+    back, each step's input is rebuilt from its output by inverting the body
+    (:mod:`moonjax._src.inverse`) and one vjp of the step gives the input and the
+    parameter cotangents at once. The rest of the program is plain reverse mode."""
     stream = [i in stream_pos for i in range(len(invals))]
     dep = stream_dependence(graph, stream)
+    loops = {node.index: (node, body) for node, body in reversible_loops(graph, dep)}
 
     def bind(node, args):
-        if node.primitive is not lax.scan_p:
+        if node.index not in loops:
             return None
+        nc, ncar = node.params["num_consts"], node.params["num_carry"]
+        return _reversible_scan(*loops[node.index])(
+            args[:nc], args[nc:nc + ncar], args[nc + ncar:])
+
+    def f(*diff_vals):
+        vals = list(invals)
+        for i, s in zip(diff_pos, diff_vals):
+            vals[i] = s
+        outs = evaluate(graph, vals, bind)
+        return outs[0], outs[1:]
+
+    loss, pullback, aux = jax.vjp(f, *[invals[i] for i in diff_pos], has_aux=True)
+    return [loss, *aux], list(pullback(jnp.ones_like(loss)))
+
+
+def reversible_loops(graph: G.Graph, dep: set) -> list:
+    """``[(scan node, LoopBody)]`` for the top-level loops that carry the stream
+    (``dep``: the ids of stream-dependent values) and read it through their carry
+    only: the loops reversible backprop runs by inversion. The inversion may be stuck
+    (:attr:`Inversion.stuck`: the body has no inverse)."""
+    found = []
+    for node in graph.nodes:
+        if node.primitive is not lax.scan_p:
+            continue
         p = node.params
         nc, ncar = p["num_consts"], p["num_carry"]
         ins = node.inputs
         is_dep = lambda a: isinstance(a, G.Value) and id(a) in dep
         if any(is_dep(a) for a in ins[:nc]) or any(is_dep(a) for a in ins[nc + ncar:]):
-            return None  # the loop reads the stream outside its carry: plain reverse mode
+            continue  # the loop reads the stream outside its carry: plain reverse mode
         if not any(is_dep(a) for a in ins[nc:nc + ncar]):
-            return None
-        return _reversible_scan(node)(args[:nc], args[nc:nc + ncar], args[nc + ncar:])
+            continue
+        found.append((node, LoopBody.of(node)))
+    return found
 
-    def f(*stream_vals):
-        vals = list(invals)
-        for i, s in zip(stream_pos, stream_vals):
-            vals[i] = s
-        outs = evaluate(graph, vals, bind)
-        return outs[0], outs[1:]
 
-    loss, pullback, aux = jax.vjp(f, *[invals[i] for i in stream_pos], has_aux=True)
-    return [loss, *aux], list(pullback(jnp.ones_like(loss)))
+@dataclasses.dataclass(frozen=True)
+class LoopBody:
+    """A ``scan`` body flattened, and how its carry input is rebuilt from its carry
+    outputs, its consts and its ``xs`` (static)."""
+
+    graph: G.Graph
+    consts: list
+    inversion: Inversion
+
+    @classmethod
+    def of(cls, node) -> LoopBody:
+        p = node.params
+        nc, ncar = p["num_consts"], p["num_carry"]
+        body, body_consts = G.flatten(p["jaxpr"])
+        n_lead = len(body_consts)
+        known = list(body.invars[:n_lead + nc]) + list(body.invars[n_lead + nc + ncar:])
+        known += [o for o in body.outvars[:ncar] if isinstance(o, G.Value)]
+        carry = list(body.invars[n_lead + nc:n_lead + nc + ncar])
+        return cls(body, body_consts, plan_inversion(body, {id(v) for v in known}, carry))
 
 
 def _float0_like(x):
@@ -78,15 +122,16 @@ def _ct_zero(x):
     return jnp.zeros_like(x) if is_float(jax.typeof(x)) else _float0_like(x)
 
 
-def _reversible_scan(node):
+def _reversible_scan(node, loop: LoopBody):
     p = node.params
     nc, ncar = p["num_consts"], p["num_carry"]
-    body, body_consts = G.flatten(p["jaxpr"])
+    body, body_consts, inversion = loop.graph, loop.consts, loop.inversion
     n_lead = len(body_consts)
-
-    def step_fn(consts, carry, x):
-        outs = evaluate(body, [*body_consts, *consts, *carry, *x])
-        return outs[:ncar], outs[ncar:]
+    carry_vars = body.invars[n_lead + nc:n_lead + nc + ncar]
+    xs_vars = body.invars[n_lead + nc + ncar:]
+    if inversion.stuck is not None:
+        invert(body, {}, carry_vars, inversion)  # raises, naming the stuck equation
+    at = where(node.source_info)
 
     @jax.custom_vjp
     def run(consts, init, xs):
@@ -95,35 +140,73 @@ def _reversible_scan(node):
 
     def fwd(consts, init, xs):
         carry, ys = run(consts, init, xs)
-        return (carry, ys), (consts, xs, carry)
+        return (carry, ys), (consts, init, xs, carry)
 
     def bwd(res, cts):
-        consts, xs, final = res
+        consts, init, xs, final = res
         g_carry, g_ys = cts
+        fc = [i for i, c in enumerate(consts) if is_float(jax.typeof(c))]
+        fx = [i for i, x in enumerate(xs) if is_float(jax.typeof(x))]
         known_in = {id(v): x for v, x in zip(body.invars[:n_lead + nc],
                                              [*body_consts, *consts])}
-        carry_vars = body.invars[n_lead + nc:n_lead + nc + ncar]
-        xs_vars = body.invars[n_lead + nc + ncar:]
+
+        floats = [k for k, c in enumerate(init) if is_float(jax.typeof(c))]
 
         def step(state, inp):
-            carry_out, g = state
+            carry_out, g, g_consts, n, drift = state
             x, g_y = inp
             known = dict(known_in)
             known.update(zip(map(id, xs_vars), x))
             for o, c in zip(body.outvars[:ncar], carry_out):
                 if isinstance(o, G.Value):
                     known.setdefault(id(o), c)
-            carry_in = invert(body, known, carry_vars)
-            _, vjp = jax.vjp(lambda c: step_fn(consts, c, x), carry_in)
-            (g_in,) = vjp((g, g_y))
-            return (carry_in, g_in), None
+            carry_in = invert(body, known, carry_vars, inversion)
 
-        (_, g_init), _ = lax.scan(step, (list(final), list(g_carry)), (list(xs), list(g_ys)),
-                                  length=p["length"], reverse=not p["reverse"])
-        return ([_ct_zero(c) for c in consts], g_init, [_ct_zero(x) for x in xs])
+            def step_fn(cf, c, xf):
+                cs, xx = _put(consts, fc, cf), _put(x, fx, xf)
+                outs = evaluate(body, [*body_consts, *cs, *c, *xx])
+                return outs[:ncar], outs[ncar:]
+
+            _, vjp = jax.vjp(step_fn, [consts[i] for i in fc], carry_in, [x[i] for i in fx])
+            gc, g_in, gx = vjp((g, g_y))
+            # the self-check: the last input rebuilt against the loop's true input,
+            # measured inside the step so that no extra activation is kept
+            drift = lax.cond(n == p["length"] - 1, lambda: _most(
+                [D.relative(carry_in[k], init[k]) for k in floats]), lambda: drift)
+            return (carry_in, g_in, [a + b for a, b in zip(g_consts, gc)], n + 1, drift), gx
+
+        g0 = [jnp.zeros_like(consts[i]) for i in fc]
+        zero = _most([])
+        (_, g_init, g_consts, _, drift), g_xs = lax.scan(
+            step, (list(final), list(g_carry), g0, 0, zero), (list(xs), list(g_ys)),
+            length=p["length"], reverse=not p["reverse"])
+        D.note_value(D.Meeting("the loop's input", at, measured="the input rebuilt by "
+                               "inverting every step"), drift)
+        if inversion.amplifier is not None:
+            D.amplifier(inversion.amplifier.describe())
+        ct_consts = [_ct_zero(c) for c in consts]
+        for i, c in zip(fc, g_consts):
+            ct_consts[i] = c
+        ct_xs = [_ct_zero(x) for x in xs]
+        for i, c in zip(fx, g_xs):
+            ct_xs[i] = c
+        return ct_consts, g_init, ct_xs
 
     run.defvjp(fwd, bwd)
     return lambda consts, init, xs: _flat(run(list(consts), list(init), list(xs)))
+
+
+def _most(drifts):
+    """The largest of the drifts (a zero of the drift's dtype for none)."""
+    zero = jnp.zeros((), jnp.promote_types(jnp.float32, jnp.result_type(float)))
+    return jnp.max(jnp.stack([zero, *[d.astype(zero.dtype) for d in drifts]]))
+
+
+def _put(vals, positions, new):
+    out = list(vals)
+    for i, v in zip(positions, new):
+        out[i] = v
+    return out
 
 
 def _flat(pair):
@@ -272,7 +355,7 @@ def forward_batched(graph, invals, stream_pos, debug=False):
     return outs, grads
 
 
-MODES = {"reversible": reversible, "forward": forward}
+MODES = {"forward": forward}
 
 
 def _probes(graph: G.Graph, collected, leading=(), anchors=None):

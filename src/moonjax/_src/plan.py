@@ -1,0 +1,117 @@
+"""The plan: which treatment each loop over layers gets, decided from the program alone.
+
+``analyse(graph, stream_pos)`` reads the flattened loss (shapes and structure, nothing
+runs) and returns a :class:`Plan` that the gradient (``mode="auto"``, the default) and
+``moonjax.check`` both read:
+
+* ``reversible`` — reversible backprop: a ``lax.scan`` whose body rebuilds its input
+  from its output by additions and moves alone (additive couplings, permutations,
+  reshapes) does not amplify rounding from layer to layer, so walking it backwards,
+  inverting each step and taking its vjp, is exact, stable and the cheapest schedule:
+  one carry kept per loop, no sweep afterwards.
+* ``moonwalk`` — mixed phase 1, then the inverse-forward sweep (anchored where the
+  sweep divides or solves, with fragments where it cannot cross): for loops whose
+  inverse divides, solves or does not exist, and for programs without loops.
+
+Reverse mode through a program's parts outside its loops keeps their activations, so
+reversible backprop is chosen only where every loop over the stream qualifies and the
+rest of the program is small next to the loops (the loss head, an embedding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jax import lax
+
+from moonjax._src import graph as G
+from moonjax._src.errors import where
+from moonjax._src.phase1 import LoopBody, reversible_loops
+from moonjax._src.sweep import stream_dependence
+
+REVERSIBLE = "reversible"
+MOONWALK = "moonwalk"
+
+# reversible backprop for the whole program only while the stream-dependent values
+# outside the loops (what reverse mode keeps there) are at most this many times the
+# loops' carries
+OUTSIDE_LIMIT = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopPlan:
+    """One ``lax.scan`` over the stream: what it could get and why."""
+
+    node: G.Node
+    treatment: str  # REVERSIBLE or MOONWALK
+    reason: str  # the rule or primitive that decided it, with its source line
+    body: LoopBody | None = None
+
+    @property
+    def where(self) -> str:
+        return where(self.node.source_info)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The program's treatment, and each loop's."""
+
+    treatment: str
+    reason: str
+    loops: tuple = ()
+
+    def loop(self, node) -> LoopPlan | None:
+        return next((lp for lp in self.loops if lp.node is node), None)
+
+
+def analyse(graph: G.Graph, stream_pos) -> Plan:
+    """The plan for ``graph`` whose invars at ``stream_pos`` are the network input."""
+    dep = stream_dependence(graph, [i in stream_pos for i in range(len(graph.invars))])
+    invertible = dict((id(node), body) for node, body in reversible_loops(graph, dep))
+    loops = []
+    for node in graph.nodes:
+        if node.primitive is not lax.scan_p or not any(
+                isinstance(a, G.Value) and id(a) in dep for a in node.inputs):
+            continue
+        loops.append(_loop_plan(node, invertible.get(id(node))))
+    if not loops:
+        return Plan(MOONWALK, "no lax.scan over layers")
+    held = [lp for lp in loops if lp.treatment != REVERSIBLE]
+    if held:
+        return Plan(MOONWALK, f"the loop at {held[0].where}: {held[0].reason}", tuple(loops))
+    in_loops = {id(lp.node) for lp in loops}
+    carried = sum(_bytes(a) for lp in loops for a in _carries(lp.node))
+    outside = sum(_bytes(o) for node in graph.nodes if id(node) not in in_loops
+                  and any(isinstance(a, G.Value) and id(a) in dep for a in node.inputs)
+                  for o in node.outputs)
+    if outside > OUTSIDE_LIMIT * carried:
+        return Plan(MOONWALK, f"reverse mode outside the loops would keep {outside} bytes "
+                    f"of activations ({outside / carried:.1f}x the loops' carries)",
+                    tuple(loops))
+    return Plan(REVERSIBLE, "every loop over layers inverts by additions and moves",
+                tuple(loops))
+
+
+def _loop_plan(node, body: LoopBody | None) -> LoopPlan:
+    if body is None:
+        return LoopPlan(node, MOONWALK, "reads the network input outside its carry")
+    inversion = body.inversion
+    if inversion.stuck is not None:
+        return LoopPlan(node, MOONWALK, f"no inverse rule for "
+                        f"`{inversion.stuck.primitive.name}` at "
+                        f"{where(inversion.stuck.source_info)}", body)
+    if inversion.amplifier is not None:
+        return LoopPlan(node, MOONWALK, f"its inverse {inversion.amplifier.describe()}",
+                        body)
+    return LoopPlan(node, REVERSIBLE, "its inverse adds and moves only", body)
+
+
+def _carries(node) -> list:
+    nc, ncar = node.params["num_consts"], node.params["num_carry"]
+    return node.inputs[nc:nc + ncar]
+
+
+def _bytes(v) -> int:
+    aval = v.aval
+    return int(getattr(aval, "size", 0)) * getattr(getattr(aval, "dtype", None),
+                                                   "itemsize", 0)
