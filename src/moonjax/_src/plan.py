@@ -15,7 +15,8 @@ runs) and returns a :class:`Plan` that the gradient (``mode="auto"``, the defaul
 
 Reverse mode through a program's parts outside its loops keeps their activations, so
 reversible backprop is chosen only where every loop over the stream qualifies and the
-rest of the program is small next to the loops (the loss head, an embedding).
+layers before the last loop are few (an embedding); the loss head after the loops is
+reverse mode under either treatment.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ REVERSIBLE = "reversible"
 MOONWALK = "moonwalk"
 
 # reversible backprop for the whole program only while the stream-dependent values
-# outside the loops (what reverse mode keeps there) are at most this many times the
-# loops' carries
+# outside the loops and before the last one (what reverse mode keeps there and the
+# sweep would not) are at most this many times the loops' carries
 OUTSIDE_LIMIT = 4
 
 
@@ -79,9 +80,10 @@ def analyse(graph: G.Graph, stream_pos) -> Plan:
     held = [lp for lp in loops if lp.treatment != REVERSIBLE]
     if held:
         return Plan(MOONWALK, f"the loop at {held[0].where}: {held[0].reason}", tuple(loops))
-    in_loops = {id(lp.node) for lp in loops}
+    # after the last loop comes the loss head: reverse mode under either treatment
+    last = max(lp.node.index for lp in loops)
     carried = sum(_bytes(a) for lp in loops for a in _carries(lp.node))
-    outside = sum(_bytes(o) for node in graph.nodes if id(node) not in in_loops
+    outside = sum(_bytes(o) for node in graph.nodes[:last] if node.primitive is not lax.scan_p
                   and any(isinstance(a, G.Value) and id(a) in dep for a in node.inputs)
                   for o in node.outputs)
     if outside > OUTSIDE_LIMIT * carried:

@@ -125,6 +125,12 @@ METHODS: dict[str, Method] = {
             budget_search=False,
         ),
         Method(
+            "moonwalk",
+            "moonjax.moonwalk_grad(loss): the default, the plan's choice per program "
+            "(reversible backprop for additive couplings, Moonwalk otherwise)",
+            _moonwalk("auto"),
+        ),
+        Method(
             "moonwalk_mixed",
             "moonjax.moonwalk_grad(mode='mixed'): reverse pass for "
             "the input cotangent, then the inverse-forward sweep",
@@ -140,8 +146,8 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "moonwalk_reversible",
-            "moonjax.moonwalk_grad(mode='reversible'): input "
-            "cotangent by inverting layers, then the sweep",
+            "moonjax.moonwalk_grad(mode='reversible'): reversible backprop derived "
+            "from the program (each layer inverted and differentiated on the way back)",
             _moonwalk("reversible"),
         ),
     )

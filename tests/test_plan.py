@@ -1,0 +1,179 @@
+"""The static plan (``mode="auto"``) and reversible backprop derived from the program.
+
+Every treatment and every combination the plan can make, in float64 against
+``jax.grad`` (rtol 1e-9), and the plan chosen for each benchmark model.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from nets import (
+    PARAMS,
+    additive_layer,
+    assert_grads_close,
+    classification_loss,
+    data,
+    leaky_layer,
+    scanned,
+    tanh_layer,
+)
+
+import moonjax
+from moonjax.bench._models import MODELS, init_params, make_data, make_loss
+
+RTOL = 1e-9
+D, BATCH, DEPTH = 8, 6, 4
+SEEDS = (0, 1)
+
+
+def _coupling_then_leaky(h, p):
+    return leaky_layer(additive_layer(h, p), p, slope=0.5)
+
+
+def _residual(h, p):
+    return h + 0.1 * jnp.tanh(h @ p["w"])
+
+
+def _both_params(key, depth, d):
+    k1, k2 = jax.random.split(key)
+    return PARAMS["additive"](k1, depth, d) | PARAMS["leaky"](k2, depth, d)
+
+
+def _next_to_unrolled(params, x):
+    """Unrolled leaky layers, a scan of couplings, an unrolled tanh layer."""
+    layer = lambda i: jax.tree_util.tree_map(lambda a: a[i], params["dense"])
+    h = leaky_layer(leaky_layer(x, layer(0), slope=0.5), layer(1), slope=0.5)
+    h = scanned(additive_layer)(params["couplings"], h)
+    return tanh_layer(h, layer(2))
+
+
+def _two_loops(params, x):
+    h = scanned(additive_layer)(params["couplings"], x)
+    return scanned(lambda h, p: leaky_layer(h, p, slope=0.5))(params["dense"], h)
+
+
+def _split_params(key, depth, d):
+    k1, k2 = jax.random.split(key)
+    return {"couplings": PARAMS["additive"](k1, depth, d),
+            "dense": PARAMS["leaky"](k2, max(depth, 3), d)}
+
+
+# name -> (apply, init, the plan's treatment under mode="auto")
+PROGRAMS = {
+    "couplings": (scanned(additive_layer), PARAMS["additive"], "reversible"),
+    "coupling+leaky body": (scanned(_coupling_then_leaky), _both_params, "mixed"),
+    "residual body": (scanned(_residual), PARAMS["leaky"], "mixed"),
+    "scan next to unrolled layers": (_next_to_unrolled, _split_params, "mixed"),
+    "two loops": (_two_loops, _split_params, "mixed"),
+}
+# forced treatments that apply (reversible needs a body with an inverse)
+FORCED = {
+    "couplings": ("mixed", "reversible"),
+    "coupling+leaky body": ("mixed", "reversible"),
+    "residual body": ("mixed",),
+    "scan next to unrolled layers": ("mixed", "reversible"),
+    "two loops": ("mixed", "reversible"),
+}
+
+
+def _case(name, seed):
+    apply, init, _ = PROGRAMS[name]
+    kp, kd = jax.random.split(jax.random.key(seed))
+    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), init(kp, DEPTH, D))
+    x, y = data(kd, BATCH, D)
+    return classification_loss(apply), params, x, y
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("name", list(PROGRAMS))
+def test_default_is_exact_on_every_combination(name, seed, x64):
+    loss, params, x, y = _case(name, seed)
+    got = jax.jit(moonjax.moonwalk_grad(loss))(params, x, y)
+    assert_grads_close(got, jax.grad(loss)(params, x, y), RTOL)
+
+
+@pytest.mark.parametrize("name", list(PROGRAMS))
+def test_the_plan_of_each_combination(name, x64):
+    loss, params, x, y = _case(name, 0)
+    want = PROGRAMS[name][2]
+    report = moonjax.check(loss, params, x, y)
+    assert report.ok
+    assert report.treatment == want, report.plan
+
+
+@pytest.mark.parametrize("name,mode", [(n, m) for n in PROGRAMS for m in FORCED[n]])
+def test_forced_treatments_are_exact(name, mode, x64):
+    loss, params, x, y = _case(name, 1)
+    got = moonjax.moonwalk_grad(loss, mode=mode)(params, x, y)
+    assert_grads_close(got, jax.grad(loss)(params, x, y), RTOL)
+
+
+def test_scan_next_to_unrolled_layers_weighs_the_reverse_mode_outside():
+    # the unrolled layers before the loop would keep more than 4 carries of
+    # activations in reverse mode: the plan sweeps instead, and says why
+    loss, params, x, y = _case("scan next to unrolled layers", 0)
+    report = moonjax.check(loss, params, x, y)
+    assert report.treatment == "mixed" and "outside the loops" in report.plan
+
+
+def test_reversible_backprop_with_aux_argnums_and_the_input_gradient(x64):
+    loss, params, x, y = _case("couplings", 0)
+
+    def with_aux(params, x, y):
+        value = loss(params, x, y)
+        return value, {"twice": 2 * value}
+
+    vg = moonjax.moonwalk_value_and_grad(with_aux, argnums=(0, 1), has_aux=True)
+    (value, aux), (g_params, g_x) = vg(params, x, y)
+    (want_value, want_aux), (w_params, w_x) = jax.value_and_grad(
+        with_aux, argnums=(0, 1), has_aux=True)(params, x, y)
+    np.testing.assert_allclose(value, want_value, rtol=1e-12)
+    np.testing.assert_allclose(aux["twice"], want_aux["twice"], rtol=1e-12)
+    assert_grads_close(g_params, w_params, RTOL)
+    assert_grads_close(g_x, w_x, RTOL)
+
+
+def test_reversible_backprop_under_vmap(x64):
+    loss, params, x, y = _case("couplings", 0)
+    xs = jnp.stack([x, 2 * x, -x])
+    ys = jnp.stack([y] * 3)
+    got = jax.jit(jax.vmap(moonjax.moonwalk_grad(loss), in_axes=(None, 0, 0)))(params, xs, ys)
+    want = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, xs, ys)
+    assert_grads_close(got, want, RTOL)
+
+
+def test_reversible_backprop_keeps_one_carry_per_loop():
+    # float32 temp memory flat in depth and no more than the hand-written custom_vjp's
+    # plus one activation's worth of slack
+    model = MODELS["revnet_mlp"]
+    temps = {}
+    for depth in (8, 64):
+        p = init_params(model, 0, depth, model.width)
+        x, y = make_data(model, 0, model.batch, model.width)
+        for name, fn in (("moonwalk", moonjax.moonwalk_grad(make_loss(model))),
+                         ("revbackprop", jax.grad(make_loss(model, "reversible")))):
+            compiled = jax.jit(fn).lower(p, x, y).compile()
+            temps[name, depth] = compiled.memory_analysis().temp_size_in_bytes
+    activation = model.batch * model.width * 4
+    assert temps["moonwalk", 64] == temps["moonwalk", 8]
+    assert temps["moonwalk", 64] <= temps["revbackprop", 64] + activation
+
+
+@pytest.mark.parametrize("name,want", [("revnet_mlp", "reversible"),
+                                       ("conv_revnet", "reversible"),
+                                       ("rev_transformer", "reversible"),
+                                       ("leaky_mlp", "mixed")])
+def test_the_plan_of_each_bench_model(name, want):
+    model = MODELS[name]
+    p = init_params(model, 0, 4, model.width)
+    x, y = make_data(model, 0, model.batch, model.width)
+    report = moonjax.check(make_loss(model), p, x, y)
+    assert report.ok and report.treatment == want, report.plan
+    (loop,) = [g for g in report.groups if g.role == "scan"]
+    if want == "reversible":
+        assert loop.treatment.startswith("reversible backprop")
+        assert "adds and moves" in loop.treatment
+    else:  # the leaky layer's inverse divides by its slope and solves with its weight
+        assert "Newton" in loop.treatment or "solves" in loop.treatment
+        assert "_leaky_layer" in loop.treatment
