@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, default=default, help=f"{text} (default: {shown})", **kind)
 
     option("--grad", "how gradients are computed", choices=GRADS)
-    option("--mode", "moonwalk_grad's phase-1 mode (forward: one JVP per feature)", choices=MODES)
+    option("--mode", "moonwalk_grad's treatment (auto: the plan's; forward: one JVP per "
+           "feature)", choices=MODES)
     parser.add_argument(
         "--anchor-every",
         type=_anchor,

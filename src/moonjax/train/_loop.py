@@ -40,8 +40,9 @@ class TrainConfig:
 
     Attributes:
       grad: ``"moonwalk"`` (:func:`moonjax.moonwalk_grad`) or ``"backprop"`` (``jax.grad``).
-      mode: phase-1 mode for ``grad="moonwalk"`` (``"mixed"``, ``"reversible"``,
-        ``"forward"``).
+      mode: ``moonjax.moonwalk_grad``'s ``mode`` for ``grad="moonwalk"``: ``"auto"``
+        (the plan's choice; Moonwalk for this classifier, whose leaky-ReLU layers invert
+        by division), ``"mixed"``, ``"reversible"``, ``"forward"``.
       anchor_every: for ``grad="moonwalk"``, ``mode="mixed"``: record an exact cotangent
         every ``k`` blocks (an int, ``"auto"``: every 4 blocks of the loops that can
         amplify rounding, the default, or ``None``: never) and restart the sweep there, so
@@ -65,7 +66,7 @@ class TrainConfig:
     """
 
     grad: str = "moonwalk"
-    mode: str = "mixed"
+    mode: str = "auto"
     anchor_every: int | str | None = "auto"
     epochs: int = 20
     batch_size: int = 64

@@ -14,7 +14,7 @@ from moonjax._src.api import MODES as _MODES
 from moonjax.nn import ConfigError
 
 GRADS = ("moonwalk", "backprop")
-MODES = _MODES  # moonwalk_grad's phase-1 modes
+MODES = _MODES  # moonwalk_grad's treatments
 BATCH_AXIS = "batch"
 
 
@@ -51,7 +51,7 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     *,
     grad: str = "moonwalk",
-    mode: str = "mixed",
+    mode: str = "auto",
     anchor_every: int | str | None = "auto",
     mesh: Mesh | None = None,
     donate: bool = False,
@@ -73,7 +73,7 @@ def make_train_step(
         :func:`moonjax.models.classifier_loss`.
       optimizer: an optax transformation, e.g. ``optax.adam(1e-3)``.
       grad: ``"moonwalk"`` or ``"backprop"``.
-      mode: phase-1 mode passed to :func:`moonjax.moonwalk_grad` (``grad="moonwalk"``);
+      mode: passed to :func:`moonjax.moonwalk_grad` (``grad="moonwalk"``; ``"auto"``);
         ``"forward"`` runs with ``batch_axis=0`` (examples are independent).
       anchor_every: passed to :func:`moonjax.moonwalk_grad` (``grad="moonwalk"``): record
         an exact cotangent every ``k`` layers (or ``"auto"``) so float32 rounding cannot
