@@ -72,7 +72,7 @@ def test_scan_carry_accumulating_from_a_constant_is_exact(x64, update, reverse):
 def test_log_det_carry_records_one_cotangent_per_step(x64):
     loss = accumulating_flow(lambda ld, s: ld + s)
     params, x = flow_params(0), data(0)
-    report = moonjax.check(loss, params, x)
+    report = moonjax.check(loss, params, x, mode="mixed")  # the sweep (the default: below)
     assert report.ok, report
     (scan,) = [g for g in report.groups if g.role == "scan"]
     # inside the loop only the log-det's cotangent is recorded: one float64 per
@@ -86,4 +86,14 @@ def test_log_det_carry_without_fragments_keeps_the_structure_error(x64):
     loss = accumulating_flow(lambda ld, s: ld + s)
     with pytest.raises(moonjax.SpineStructureError,
                        match=re.escape("scan carry 1 starts as a constant")):
-        moonjax.moonwalk_grad(loss, fragments=False)(flow_params(0), data(0))
+        moonjax.moonwalk_grad(loss, mode="mixed", fragments=False)(flow_params(0), data(0))
+
+
+def test_the_default_runs_a_log_det_flow_by_anchored_reversible_backprop(x64):
+    # its inverse subtracts and divides by the scales: reversible backprop, the carries
+    # (activations and log-det) stored every 4 steps; nothing recorded per step
+    loss = accumulating_flow(lambda ld, s: ld + s)
+    report = moonjax.check(loss, flow_params(0), data(0))
+    assert report.treatment == "reversible", report.plan
+    (scan,) = [g for g in report.groups if g.role == "scan"]
+    assert scan.stability.startswith("anchored every"), scan

@@ -24,8 +24,8 @@ from moonjax._src.errors import (
     UnsupportedPrimitiveError,
     from_runtime_error,
 )
+from moonjax._src.phase1 import AUTO_ANCHOR, anchor_plan, forward_batched, mixed_with_probes
 from moonjax._src.phase1 import MODES as PHASE1
-from moonjax._src.phase1 import anchor_plan, forward_batched, mixed_with_probes
 from moonjax._src.phase1 import reversible as reversible_backprop
 from moonjax._src.plan import REVERSIBLE, analyse
 from moonjax._src.rules import VijpRule
@@ -290,9 +290,9 @@ def moonwalk_value_and_grad(
 
 
 # ``anchor_every="auto"``: loops whose swept layers divide by a derivative or solve
-# with a weight (error can grow layer by layer) are anchored every AUTO_ANCHOR steps;
+# with a weight (error can grow layer by layer) are anchored every AUTO_ANCHOR steps
+# (phase1.AUTO_ANCHOR), more often after a small slope (growth AUTO_GROWTH at most);
 # volume-preserving ones (additive couplings, shifts, moves) are not anchored.
-AUTO_ANCHOR = 4
 AUTO_GROWTH = 100.0
 
 
@@ -432,7 +432,7 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
             wanted = list(dict.fromkeys(static.stream + static.params))
             with D.measuring() as measured:
                 outs, cts = reversible_backprop(graph_aux, invals_aux, stream_at,
-                                                [pos_aux[j] for j in wanted])
+                                                [pos_aux[j] for j in wanted], anchor_every)
             loss, aux = unpack(outs)
             value = (loss, aux) if has_aux else loss
             return value, _grads(static, flat, dict(zip(wanted, cts))), measured, treatment

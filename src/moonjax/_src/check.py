@@ -682,13 +682,20 @@ def check(
         plan = _planned(loss, layout, has_aux)
         if mode == "auto" and plan is not None:
             treatment = "reversible" if plan.treatment == P.REVERSIBLE else "mixed"
-        steps, analysis_error, fragment_error = _analyse(loss, layout, has_aux, treatment,
-                                                         fragments)
+        # reversible backprop runs no sweep: the sweep's analysis (as mixed mode would
+        # run it) shows the layers, and what it would record is not stored
+        steps, analysis_error, fragment_error = _analyse(
+            loss, layout, has_aux, "mixed" if treatment == "reversible" else treatment,
+            fragments)
+        if treatment == "reversible":
+            fragment_error = None
         if error is None and analysis_error is not None:  # pragma: no cover - divergence
             notes.append(f"the analysis trace stopped early ({analysis_error!r}); the "
                          "table may be incomplete")
     groups = _with_treatments(_with_stability(_groups(steps), treatment, anchor_every),
                               plan, treatment)
+    if treatment == "reversible":
+        groups = _without_fragments(groups)
     total = sum(g.fragment_bytes for g in groups)
     submersive = error is None and fragment_error is None and total == 0
     primitive = location = suggestion = None
@@ -733,6 +740,13 @@ def _plan_text(plan: P.Plan | None, mode: str, treatment: str) -> str:
            f"{plan.reason})"
 
 
+def _without_fragments(groups):
+    return tuple(dataclasses.replace(
+        g, fragment_bytes=0, submersive=True, groups=_without_fragments(g.groups),
+        steps=tuple(dataclasses.replace(st, fragment_bytes=0) for st in g.steps))
+        for g in groups)
+
+
 def _with_treatments(groups, plan: P.Plan | None, treatment: str):
     """The scan groups with the plan's treatment of their loop."""
     if plan is None:
@@ -742,9 +756,13 @@ def _with_treatments(groups, plan: P.Plan | None, treatment: str):
     for g in groups:
         lp = at.get(g.location) if g.role == "scan" else None
         if lp is not None and treatment == "reversible":
-            g = dataclasses.replace(g, treatment="reversible backprop, nothing kept per "
-                                    f"step ({lp.reason})", stability="volume-preserving"
-                                    if lp.treatment == P.REVERSIBLE else "drift-checked")
+            kept = ("nothing kept per step" if lp.anchor_every is None else
+                    f"the carry kept every {lp.anchor_every} steps")
+            stability = ("drift-checked" if lp.treatment != P.REVERSIBLE else
+                         "volume-preserving" if lp.anchor_every is None else
+                         f"anchored every {lp.anchor_every}")
+            g = dataclasses.replace(g, treatment=f"reversible backprop, {kept} "
+                                    f"({lp.reason})", stability=stability)
         elif lp is not None:
             g = dataclasses.replace(g, treatment=f"sweeps its body with a scan "
                                     f"(reversible backprop: {lp.reason})")

@@ -79,16 +79,28 @@ def measuring():
         _AMPLIFIERS.reset(t2)
 
 
-def relative(swept, exact):
+def relative(swept, exact, floor=None):
     """``‖swept - exact‖ / ‖exact‖`` as a float32 (float64 under x64) scalar; NaN or
-    Inf in ``swept`` give a non-finite drift. Scaled by ``max|exact|`` against overflow."""
+    Inf in ``swept`` give a non-finite drift. Scaled by ``max|exact|`` against overflow.
+    ``floor``: a norm (:func:`norm`) the denominator is at least (a log-determinant
+    accumulator starts at zero: its error is measured against what it grows to)."""
     dtype = jnp.promote_types(jnp.result_type(exact), jnp.float32)
     swept, exact = jnp.asarray(swept, dtype), jnp.asarray(exact, dtype)
     scale = jnp.max(jnp.abs(exact))
     scale = jnp.where(scale > 0, scale, 1)
     num = jnp.sqrt(jnp.sum(jnp.square((swept - exact) / scale)))
     den = jnp.sqrt(jnp.sum(jnp.square(exact / scale)))
+    if floor is not None:
+        den = jnp.maximum(den, jnp.asarray(floor, dtype) / scale)
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1), jnp.where(num > 0, jnp.inf, 0))
+
+
+def norm(x):
+    """``‖x‖`` in float32 (float64 under x64), scaled against overflow."""
+    x = jnp.asarray(x, jnp.promote_types(jnp.result_type(x), jnp.float32))
+    scale = jnp.max(jnp.abs(x))
+    scale = jnp.where(scale > 0, scale, 1)
+    return scale * jnp.sqrt(jnp.sum(jnp.square(x / scale)))
 
 
 def note(meeting: Meeting, swept, exact) -> None:

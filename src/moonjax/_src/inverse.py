@@ -174,6 +174,13 @@ class Inversion:
         """The first move that can amplify rounding (a division, a solve, Newton)."""
         return next((m for m in self.moves if not m.preserving), None)
 
+    @property
+    def divides_only(self) -> bool:
+        """Whether every move that can amplify rounding is an elementwise division by
+        a known value (an affine coupling's scale): no solve, no Newton steps."""
+        return all(m.preserving or (m.kind == "rule" and m.node.primitive in (
+            lax.mul_p, lax.div_p)) for m in self.moves)
+
 
 def plan_inversion(graph: G.Graph, known, targets: list) -> Inversion:
     """The moves that rebuild ``targets`` given the values whose ids are in ``known``:

@@ -28,6 +28,7 @@ from moonjax._src import graph as G
 from moonjax._src import masks
 from moonjax._src.errors import BATCH_MIXED, ArgumentError, where
 from moonjax._src.inverse import Inversion, invert, plan_inversion
+from moonjax._src.scan import blocks, unblocks
 from moonjax._src.sweep import is_float, stream_dependence
 
 
@@ -44,12 +45,16 @@ def evaluate(graph: G.Graph, invals, bind=None):
     return [read(o) for o in graph.outvars]
 
 
-def reversible(graph, invals, stream_pos, diff_pos):
+def reversible(graph, invals, stream_pos, diff_pos, anchor_every="auto"):
     """Reversible backprop derived from the program: ``(outvals, cotangents of
     diff_pos)``. Every ``lax.scan`` over the stream keeps only its final carry; going
     back, each step's input is rebuilt from its output by inverting the body
     (:mod:`moonjax._src.inverse`) and one vjp of the step gives the input and the
-    parameter cotangents at once. The rest of the program is plain reverse mode."""
+    parameter cotangents at once. The rest of the program is plain reverse mode.
+
+    ``anchor_every``: ``k`` stores the carry every ``k`` steps and restarts the
+    inversion there; ``"auto"`` does so every :data:`AUTO_ANCHOR` steps in the loops
+    whose inverse divides or solves (none for additions and moves); ``None`` never."""
     stream = [i in stream_pos for i in range(len(invals))]
     dep = stream_dependence(graph, stream)
     loops = {node.index: (node, body) for node, body in reversible_loops(graph, dep)}
@@ -58,7 +63,11 @@ def reversible(graph, invals, stream_pos, diff_pos):
         if node.index not in loops:
             return None
         nc, ncar = node.params["num_consts"], node.params["num_carry"]
-        return _reversible_scan(*loops[node.index])(
+        loop = loops[node.index][1]
+        k = anchor_every
+        if k == "auto":
+            k = AUTO_ANCHOR if loop.inversion.amplifier is not None else None
+        return _reversible_scan(node, loop, _interval(k, node.params["length"]))(
             args[:nc], args[nc:nc + ncar], args[nc + ncar:])
 
     def f(*diff_vals):
@@ -122,16 +131,28 @@ def _ct_zero(x):
     return jnp.zeros_like(x) if is_float(jax.typeof(x)) else _float0_like(x)
 
 
-def _reversible_scan(node, loop: LoopBody):
+def _reversible_scan(node, loop: LoopBody, k: int | None):
+    """The loop as a ``custom_vjp`` whose backward pass inverts it step by step; with
+    ``k``, the forward pass also stores the carry at the start of every block of ``k``
+    steps, and going back each block restarts from its stored carry (the anchors of
+    reversible backprop: rounding grows over ``k`` steps at most)."""
     p = node.params
-    nc, ncar = p["num_consts"], p["num_carry"]
+    nc, ncar, length, rev = p["num_consts"], p["num_carry"], p["length"], p["reverse"]
     body, body_consts, inversion = loop.graph, loop.consts, loop.inversion
     n_lead = len(body_consts)
     carry_vars = body.invars[n_lead + nc:n_lead + nc + ncar]
     xs_vars = body.invars[n_lead + nc + ncar:]
     if inversion.stuck is not None:
         invert(body, {}, carry_vars, inversion)  # raises, naming the stuck equation
-    at = where(node.source_info)
+    k = length if k is None else k
+    nb, first = length // k, (k - 1 if rev else 0)  # a block's first step, in loop order
+    meeting = D.Meeting("the loop's input" if nb == 1 else f"the carry stored every {k} "
+                        "steps", where(node.source_info),
+                        measured="the input rebuilt by inverting every step")
+
+    def step_fn(consts, carry, x):
+        outs = evaluate(body, [*body_consts, *consts, *carry, *x])
+        return list(outs[:ncar]), list(outs[ncar:])
 
     @jax.custom_vjp
     def run(consts, init, xs):
@@ -139,49 +160,61 @@ def _reversible_scan(node, loop: LoopBody):
         return list(outs[:ncar]), list(outs[ncar:])
 
     def fwd(consts, init, xs):
-        carry, ys = run(consts, init, xs)
-        return (carry, ys), (consts, init, xs, carry)
+        if nb == 1:  # the loop's input is the only anchor
+            carry, ys = run(consts, init, xs)
+            return (carry, ys), (consts, init, xs, carry, None)
+
+        def block(carry, x_blk):
+            out, ys = lax.scan(lambda c, x: step_fn(consts, c, x), carry, x_blk, reverse=rev)
+            return out, (carry, ys)
+
+        carry, (starts, ys) = lax.scan(block, list(init), blocks(list(xs), nb, k),
+                                       reverse=rev)
+        return (carry, unblocks(ys)), (consts, init, xs, carry, starts)
 
     def bwd(res, cts):
-        consts, init, xs, final = res
+        consts, init, xs, final, starts = res
         g_carry, g_ys = cts
         fc = [i for i, c in enumerate(consts) if is_float(jax.typeof(c))]
         fx = [i for i, x in enumerate(xs) if is_float(jax.typeof(x))]
+        floats = [i for i, c in enumerate(init) if is_float(jax.typeof(c))]
         known_in = {id(v): x for v, x in zip(body.invars[:n_lead + nc],
                                              [*body_consts, *consts])}
-
-        floats = [k for k, c in enumerate(init) if is_float(jax.typeof(c))]
+        floors = {i: D.norm(final[i]) for i in floats}  # outside: no copy of the carry
 
         def step(state, inp):
-            carry_out, g, g_consts, n, drift = state
+            carry_out, g, g_consts, drift, n = state
             x, g_y = inp
+            t = n if rev else length - 1 - n  # the step's index (a counter, not an xs)
             known = dict(known_in)
             known.update(zip(map(id, xs_vars), x))
             for o, c in zip(body.outvars[:ncar], carry_out):
                 if isinstance(o, G.Value):
                     known.setdefault(id(o), c)
-            carry_in = invert(body, known, carry_vars, inversion)
+            rebuilt = invert(body, known, carry_vars, inversion)
+            # at a block's start the exact carry is known: measure the drift of the
+            # rebuilt one (the self-check) and go on from the exact one
+            exact = list(init) if starts is None else [
+                lax.dynamic_index_in_dim(s, t // k, keepdims=False) for s in starts]
+            at_start = t % k == first
+            drift = lax.cond(at_start, lambda: jnp.maximum(drift, _most([
+                D.relative(rebuilt[i], exact[i], floor=floors[i]) for i in floats])),
+                lambda: drift)
+            carry_in = rebuilt if starts is None else [
+                jnp.where(at_start, e, r) for e, r in zip(exact, rebuilt)]
 
-            def step_fn(cf, c, xf):
-                cs, xx = _put(consts, fc, cf), _put(x, fx, xf)
-                outs = evaluate(body, [*body_consts, *cs, *c, *xx])
-                return outs[:ncar], outs[ncar:]
+            def step_vjp(cf, c, xf):
+                return step_fn(_put(consts, fc, cf), c, _put(x, fx, xf))
 
-            _, vjp = jax.vjp(step_fn, [consts[i] for i in fc], carry_in, [x[i] for i in fx])
+            _, vjp = jax.vjp(step_vjp, [consts[i] for i in fc], carry_in, [x[i] for i in fx])
             gc, g_in, gx = vjp((g, g_y))
-            # the self-check: the last input rebuilt against the loop's true input,
-            # measured inside the step so that no extra activation is kept
-            drift = lax.cond(n == p["length"] - 1, lambda: _most(
-                [D.relative(carry_in[k], init[k]) for k in floats]), lambda: drift)
-            return (carry_in, g_in, [a + b for a, b in zip(g_consts, gc)], n + 1, drift), gx
+            return (carry_in, g_in, [a + b for a, b in zip(g_consts, gc)], drift, n + 1), gx
 
         g0 = [jnp.zeros_like(consts[i]) for i in fc]
-        zero = _most([])
-        (_, g_init, g_consts, _, drift), g_xs = lax.scan(
-            step, (list(final), list(g_carry), g0, 0, zero), (list(xs), list(g_ys)),
-            length=p["length"], reverse=not p["reverse"])
-        D.note_value(D.Meeting("the loop's input", at, measured="the input rebuilt by "
-                               "inverting every step"), drift)
+        (_, g_init, g_consts, drift, _), g_xs = lax.scan(
+            step, (list(final), list(g_carry), g0, _most([]), 0), (list(xs), list(g_ys)),
+            length=length, reverse=not rev)
+        D.note_value(meeting, drift)
         if inversion.amplifier is not None:
             D.amplifier(inversion.amplifier.describe())
         ct_consts = [_ct_zero(c) for c in consts]
@@ -441,6 +474,19 @@ def _evaluate_probed(graph, invals, probes, anchors=None):
     return evaluate(graph, invals, bind)
 
 
+# Anchors every AUTO_ANCHOR steps in the loops whose sweep (or inversion) divides by
+# derivatives or solves with weights: rounding grows over so many steps at most.
+AUTO_ANCHOR = 4
+
+
+def _interval(k: int | None, length: int) -> int | None:
+    """The largest divisor of ``length`` not above ``k`` (``None``: no anchors)."""
+    if k is None:
+        return None
+    k = max(d for d in range(1, min(k, length) + 1) if length % d == 0)
+    return k if k < length else None
+
+
 def anchor_plan(graph: G.Graph, stream_pos, anchor_every: int) -> dict:
     """``node.index -> (k, swept carry positions)`` for the top-level loops over the
     stream; ``k`` is the largest divisor of the loop length not above ``anchor_every``."""
@@ -454,8 +500,8 @@ def anchor_plan(graph: G.Graph, stream_pos, anchor_every: int) -> dict:
         nc, ncar, length = p["num_consts"], p["num_carry"], p["length"]
         positions = [i for i, a in enumerate(node.inputs[nc:nc + ncar])
                      if isinstance(a, G.Value) and id(a) in dep and is_float(a.aval)]
-        k = max(d for d in range(1, min(anchor_every, length) + 1) if length % d == 0)
-        if positions and k < length:
+        k = _interval(anchor_every, length)
+        if positions and k is not None:
             plan[node.index] = (k, positions)
     return plan
 

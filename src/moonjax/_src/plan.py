@@ -8,10 +8,13 @@ runs) and returns a :class:`Plan` that the gradient (``mode="auto"``, the defaul
   from its output by additions and moves alone (additive couplings, permutations,
   reshapes) does not amplify rounding from layer to layer, so walking it backwards,
   inverting each step and taking its vjp, is exact, stable and the cheapest schedule:
-  one carry kept per loop, no sweep afterwards.
+  one carry kept per loop, no sweep afterwards. Where the inverse also divides
+  elementwise by known values (an affine coupling's scale), the carry is stored every
+  :data:`~moonjax._src.phase1.AUTO_ANCHOR` steps and the inversion restarts there.
 * ``moonwalk`` — mixed phase 1, then the inverse-forward sweep (anchored where the
   sweep divides or solves, with fragments where it cannot cross): for loops whose
-  inverse divides, solves or does not exist, and for programs without loops.
+  inverse solves with a weight, takes Newton steps or does not exist, and for programs
+  without loops.
 
 Reverse mode through a program's parts outside its loops keeps their activations, so
 reversible backprop is chosen only where every loop over the stream qualifies and the
@@ -27,7 +30,7 @@ from jax import lax
 
 from moonjax._src import graph as G
 from moonjax._src.errors import where
-from moonjax._src.phase1 import LoopBody, reversible_loops
+from moonjax._src.phase1 import AUTO_ANCHOR, LoopBody, reversible_loops
 from moonjax._src.sweep import stream_dependence
 
 REVERSIBLE = "reversible"
@@ -47,6 +50,7 @@ class LoopPlan:
     treatment: str  # REVERSIBLE or MOONWALK
     reason: str  # the rule or primitive that decided it, with its source line
     body: LoopBody | None = None
+    anchor_every: int | None = None  # reversible: the carry stored every k steps
 
     @property
     def where(self) -> str:
@@ -90,8 +94,9 @@ def analyse(graph: G.Graph, stream_pos) -> Plan:
         return Plan(MOONWALK, f"reverse mode outside the loops would keep {outside} bytes "
                     f"of activations ({outside / carried:.1f}x the loops' carries)",
                     tuple(loops))
-    return Plan(REVERSIBLE, "every loop over layers inverts by additions and moves",
-                tuple(loops))
+    how = ("additions and moves" if all(lp.anchor_every is None for lp in loops)
+           else "additions, moves and elementwise divisions")
+    return Plan(REVERSIBLE, f"every loop over layers inverts by {how}", tuple(loops))
 
 
 def _loop_plan(node, body: LoopBody | None) -> LoopPlan:
@@ -102,10 +107,12 @@ def _loop_plan(node, body: LoopBody | None) -> LoopPlan:
         return LoopPlan(node, MOONWALK, f"no inverse rule for "
                         f"`{inversion.stuck.primitive.name}` at "
                         f"{where(inversion.stuck.source_info)}", body)
-    if inversion.amplifier is not None:
-        return LoopPlan(node, MOONWALK, f"its inverse {inversion.amplifier.describe()}",
-                        body)
-    return LoopPlan(node, REVERSIBLE, "its inverse adds and moves only", body)
+    if inversion.amplifier is None:
+        return LoopPlan(node, REVERSIBLE, "its inverse adds and moves only", body)
+    if inversion.divides_only:
+        return LoopPlan(node, REVERSIBLE, f"its inverse {inversion.amplifier.describe()}: "
+                        f"anchored every {AUTO_ANCHOR} steps", body, AUTO_ANCHOR)
+    return LoopPlan(node, MOONWALK, f"its inverse {inversion.amplifier.describe()}", body)
 
 
 def _carries(node) -> list:
