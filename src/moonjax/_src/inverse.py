@@ -21,6 +21,7 @@ from moonjax._src import graph as G
 from moonjax._src.errors import NotSubmersiveError, equation_error, where
 from moonjax._src.rules import elementwise_rules
 from moonjax._src.rules.linear import solve_right
+from moonjax._src.rules.monotone import derivative_sign
 
 NEWTON_STEPS = 3
 
@@ -276,6 +277,8 @@ def _region_move(node, have) -> Move | None:
     if not _is_float(v) or v.aval.shape != node.outputs[0].aval.shape:
         return None
     order = tuple(sorted(region.values(), key=lambda n: n.index))
+    if derivative_sign(order, v, node.outputs[0], None) is None:
+        return None  # not provably strictly monotone (ReLU forgets): no inverse
     return Move("region", node, region=order, root=v)
 
 
@@ -288,8 +291,11 @@ def invert(graph: G.Graph, known: dict, targets: list, inversion: Inversion | No
     if inversion.stuck is not None:
         raise equation_error(
             NotSubmersiveError, inversion.stuck,
-            "reversible mode cannot rebuild this layer's input from its output",
-            "use mode='mixed', or build the layer from invertible moonjax.nn modules")
+            "reversible mode cannot rebuild this layer's input from its output: "
+            f"`{inversion.stuck.primitive.name}` is not invertible here (not submersive, "
+            "or no inverse rule)",
+            "use the default mode (Moonwalk: with fragments=True phase 1 records what the "
+            "layer erases), or build the layer from invertible moonjax.nn modules")
     val = dict(known)
     read = lambda a: a.val if isinstance(a, G.Lit) else val[id(a)]
     for move in inversion.moves:
