@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 # Pages whose ```python blocks are executed, in order, in one namespace per page.
 # (method.md has no Python; nn.md, models.md, benchmarks.md belong to their modules.)
-RUNNABLE = ["index.md", "modes.md", "vijp_rules.md", "training.md", "faq.md"]
+RUNNABLE = ["index.md", "modes.md", "vijp_rules.md", "training.md", "faq.md", "libraries.md"]
 
 
 def python_blocks(page: Path) -> list[str]:
