@@ -162,3 +162,83 @@ def test_iresnet_stack_is_exact_by_a_fragment_per_step(scanned):
     assert per_step == depth * x.size * x.dtype.itemsize, report.groups
     with pytest.raises(moonjax.SpineStructureError, match="feeds 2 operations"):
         moonjax.moonwalk_grad(loss, fragments=False)(ws, x)
+
+
+@pytest.fixture
+def x32():
+    """float32 as users run it (the suite turns float64 on globally)."""
+    jax.config.update("jax_enable_x64", False)
+    yield
+    jax.config.update("jax_enable_x64", True)
+
+
+def test_flowjax_coupling_flow_memory_is_a_fraction_of_jax_grads(x32):
+    """32 Affine layers, dimension 16, nn_width 128, batch 256, float32: the default runs
+    anchored reversible backprop. Measured: 0.48 MiB against jax.grad's 6.60 MiB (0.07x);
+    from 8 to 32 layers it grows by the 6 more carries it anchors (every 4 layers)."""
+    eqx = pytest.importorskip("equinox")
+    pytest.importorskip("flowjax")
+    from flowjax.bijections import Affine
+    from flowjax.distributions import Normal
+    from flowjax.flows import coupling_flow
+
+    x = jnp.zeros((256, 16), jnp.float32)
+    temps = {}
+    for layers in (8, 32):
+        flow = coupling_flow(jax.random.PRNGKey(0), base_dist=Normal(jnp.zeros(16)),
+                             transformer=Affine(), flow_layers=layers, nn_width=128)
+        params, static = eqx.partition(flow, eqx.is_inexact_array)
+
+        def loss(params, x, static=static):
+            return -jnp.mean(eqx.combine(params, static).log_prob(x))
+
+        for name, grad in (("default", moonjax.moonwalk_grad(loss)), ("jax", jax.grad(loss))):
+            compiled = jax.jit(grad).lower(params, x).compile()
+            temps[name, layers] = compiled.memory_analysis().temp_size_in_bytes
+    carry = 256 * 16 * 4 + 256 * 4  # the activations and the log-determinant
+    assert temps["default", 32] <= 0.25 * temps["jax", 32], temps
+    assert temps["default", 32] - temps["default", 8] <= 7 * carry, temps
+
+
+# -- a Flax NNX CNN: conv, ReLU, max-pool, dense ----------------------------------------
+
+
+def nnx_cnn():
+    from flax import nnx
+    from flax.linen import max_pool
+
+    class CNN(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs, param_dtype=jnp.float64)
+            self.dense = nnx.Linear(4 * 4 * 4, 10, rngs=rngs, param_dtype=jnp.float64)
+
+        def __call__(self, x):
+            h = max_pool(jax.nn.relu(self.conv(x)), (2, 2), (2, 2))  # marker: cnn
+            return self.dense(h.reshape(h.shape[0], -1))
+
+    graphdef, state = nnx.split(CNN(nnx.Rngs(0)))
+
+    def loss(state, x, y):
+        logits = nnx.merge(graphdef, state)(x)
+        return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * y, -1))
+
+    return loss, state
+
+
+@pytest.mark.parametrize("mode", ["auto", "mixed", "reversible"])
+def test_nnx_cnn_is_exact(mode, x64):
+    loss, state = nnx_cnn()
+    for seed in range(2):
+        x = jax.random.normal(jax.random.PRNGKey(seed), (6, 8, 8, 1), jnp.float64)
+        y = jax.nn.one_hot(jnp.arange(6) % 10, 10, dtype=jnp.float64)
+        assert_grads_close(moonjax.moonwalk_grad(loss, mode=mode)(state, x, y),
+                           jax.grad(loss)(state, x, y))
+
+
+def test_nnx_cnn_in_forward_mode_says_what_takes_it(x64):
+    # forward phase 1 records no fragments: the conv and ReLU cannot be swept
+    loss, state = nnx_cnn()
+    x = jnp.ones((2, 8, 8, 1), jnp.float64)
+    y = jax.nn.one_hot(jnp.arange(2), 10, dtype=jnp.float64)
+    with pytest.raises(moonjax.MoonjaxError, match="mode='forward' records no fragments"):
+        moonjax.moonwalk_grad(loss, mode="forward")(state, x, y)

@@ -478,6 +478,10 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
             raise _NeedsRecords
     except (NotSubmersiveError, UnsupportedPrimitiveError, SpineStructureError,
             _NeedsRecords) as e:
+        if treatment == "forward" and fragments:
+            raise type(e)(f"{e}\n  note: mode='forward' records no fragments; the default "
+                          "mode (Moonwalk, mixed phase 1) records what this layer "
+                          "erases") from None
         if treatment != "mixed" or (not fragments and not isinstance(e, _NeedsRecords)):
             raise
         # Fragmental checkpointing (and anchors): find the spine steps the sweep cannot
