@@ -57,13 +57,13 @@ def reversible(graph, invals, stream_pos, diff_pos, anchor_every="auto"):
     whose inverse divides or solves (none for additions and moves); ``None`` never."""
     stream = [i in stream_pos for i in range(len(invals))]
     dep = stream_dependence(graph, stream)
-    loops = {node.index: (node, body) for node, body in reversible_loops(graph, dep)}
+    loops = {node.index: body for node, body in reversible_loops(graph, dep)}
 
     def bind(node, args):
-        if node.index not in loops:
+        loop = loops.get(node.index)
+        if loop is None:
             return None
         nc, ncar = node.params["num_consts"], node.params["num_carry"]
-        loop = loops[node.index][1]
         k = anchor_every
         if k == "auto":
             k = AUTO_ANCHOR if loop.inversion.amplifier is not None else None
