@@ -24,7 +24,13 @@ from moonjax._src.errors import (
     UnsupportedPrimitiveError,
     from_runtime_error,
 )
-from moonjax._src.phase1 import AUTO_ANCHOR, anchor_plan, forward_batched, mixed_with_probes
+from moonjax._src.phase1 import (
+    AUTO_ANCHOR,
+    anchor_plan,
+    forward_batched,
+    interval,
+    mixed_with_probes,
+)
 from moonjax._src.phase1 import MODES as PHASE1
 from moonjax._src.phase1 import reversible as reversible_backprop
 from moonjax._src.plan import REVERSIBLE, analyse
@@ -421,9 +427,12 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
     graph, invals, pos, _ = traced(False)
     stream_pos = [pos[j] for j in static.stream]
     treatment = mode
+    inverted = {}  # loops whose mixed phase 1 runs by inversion: one carry kept
     if mode == "auto":  # the plan: from the program alone
-        treatment = "reversible" if analyse(graph, stream_pos).treatment == REVERSIBLE \
-            else "mixed"
+        program = analyse(graph, stream_pos)
+        treatment = "reversible" if program.treatment == REVERSIBLE else "mixed"
+        inverted = {lp.node.index: (lp.body, interval(lp.anchor_every, lp.node.params["length"]))
+                    for lp in program.loops if lp.treatment == REVERSIBLE}
     if treatment != "mixed":
         graph_aux, invals_aux, pos_aux, unpack = traced(True) if has_aux else (
             graph, invals, pos, lambda outs: (outs[0], None))
@@ -462,7 +471,8 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
     run_sweep = functools.partial(sweep, graph, invals, stream_mask, head=True,
                                   params=params_mask, debug=debug)
     if treatment == "mixed" and not has_aux:
-        outs, g_stream, _ = mixed_with_probes(graph, invals, stream_pos, Collect(), {})
+        outs, g_stream, _ = mixed_with_probes(graph, invals, stream_pos, Collect(), {},
+                                              inverted)
         loss, aux = outs[0], None
     plan = {}
     auto = anchor_every == "auto" and treatment == "mixed"  # anchors chosen from the sweep
@@ -494,7 +504,8 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
                 run_sweep(zeros, fragments=collected)
             if auto and not plan:
                 plan = _auto_anchors(graph, stream_pos, steps)
-        outs, g_stream, recorded = mixed_with_probes(graph, invals, stream_pos, collected, plan)
+        outs, g_stream, recorded = mixed_with_probes(graph, invals, stream_pos, collected, plan,
+                                                     inverted)
         loss = outs[0]
         with D.measuring() as measured:
             _, _, in_cts = run_sweep({pos[j]: g for j, g in zip(static.stream, g_stream)},

@@ -693,7 +693,7 @@ def check(
             notes.append(f"the analysis trace stopped early ({analysis_error!r}); the "
                          "table may be incomplete")
     groups = _with_treatments(_with_stability(_groups(steps), treatment, anchor_every),
-                              plan, treatment)
+                              plan, mode, treatment)
     if treatment == "reversible":
         groups = _without_fragments(groups)
     total = sum(g.fragment_bytes for g in groups)
@@ -747,14 +747,16 @@ def _without_fragments(groups):
         for g in groups)
 
 
-def _with_treatments(groups, plan: P.Plan | None, treatment: str):
+def _with_treatments(groups, plan: P.Plan | None, mode: str, treatment: str):
     """The scan groups with the plan's treatment of their loop."""
     if plan is None:
         return groups
-    at = {_line_key(lp.where): lp for lp in plan.loops}
+    loops = iter(plan.loops)  # the top-level scan groups are the plan's loops, in order
     out = []
     for g in groups:
-        lp = at.get(g.location) if g.role == "scan" else None
+        lp = next(loops, None) if g.role == "scan" else None
+        if lp is not None and _line_key(lp.where) != g.location:  # pragma: no cover
+            lp = None
         if lp is not None and treatment == "reversible":
             kept = ("nothing kept per step" if lp.anchor_every is None else
                     f"the carry kept every {lp.anchor_every} steps")
@@ -763,6 +765,9 @@ def _with_treatments(groups, plan: P.Plan | None, treatment: str):
                          f"anchored every {lp.anchor_every}")
             g = dataclasses.replace(g, treatment=f"reversible backprop, {kept} "
                                     f"({lp.reason})", stability=stability)
+        elif lp is not None and mode == "auto" and lp.treatment == P.REVERSIBLE:
+            g = dataclasses.replace(g, treatment=f"phase 1 inverts it, one carry kept "
+                                    f"({lp.reason}); the sweep crosses it")
         elif lp is not None:
             g = dataclasses.replace(g, treatment=f"sweeps its body with a scan "
                                     f"(reversible backprop: {lp.reason})")

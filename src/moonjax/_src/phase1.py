@@ -67,7 +67,7 @@ def reversible(graph, invals, stream_pos, diff_pos, anchor_every="auto"):
         k = anchor_every
         if k == "auto":
             k = AUTO_ANCHOR if loop.inversion.amplifier is not None else None
-        return _reversible_scan(node, loop, _interval(k, node.params["length"]))(
+        return _reversible_scan(node, loop, interval(k, node.params["length"]))(
             args[:nc], args[nc:nc + ncar], args[nc + ncar:])
 
     def f(*diff_vals):
@@ -418,13 +418,19 @@ def _probes(graph: G.Graph, collected, leading=(), anchors=None):
     return probes
 
 
-def _evaluate_probed(graph, invals, probes, anchors=None):
+def _evaluate_probed(graph, invals, probes, anchors=None, inverted=None):
     """Evaluate ``graph`` for mixed phase 1: probes added where records are taken,
     ``select_n`` masks kept bit-packed (:mod:`moonjax._src.masks`), and every loop
-    evaluated step by step so that its body gets the same treatment."""
+    evaluated step by step so that its body gets the same treatment. The loops in
+    ``inverted`` (``node.index -> (LoopBody, k)``) that record nothing are run by
+    inversion instead (:func:`_reversible_scan`): their phase 1 keeps one carry."""
 
     def bind(node, args):
         entry = probes.get(node.index)
+        if node.index in (inverted or {}) and not entry:
+            nc, ncar = node.params["num_consts"], node.params["num_carry"]
+            return _reversible_scan(node, *inverted[node.index])(
+                args[:nc], args[nc:nc + ncar], args[nc + ncar:])
         if node.primitive is lax.scan_p:
             return loop(node, args, entry or {})
         if node.primitive is lax.select_n_p and len(args) == 3 and masks.packable(
@@ -479,7 +485,7 @@ def _evaluate_probed(graph, invals, probes, anchors=None):
 AUTO_ANCHOR = 4
 
 
-def _interval(k: int | None, length: int) -> int | None:
+def interval(k: int | None, length: int) -> int | None:
     """The largest divisor of ``length`` not above ``k`` (``None``: no anchors)."""
     if k is None:
         return None
@@ -500,25 +506,26 @@ def anchor_plan(graph: G.Graph, stream_pos, anchor_every: int) -> dict:
         nc, ncar, length = p["num_consts"], p["num_carry"], p["length"]
         positions = [i for i, a in enumerate(node.inputs[nc:nc + ncar])
                      if isinstance(a, G.Value) and id(a) in dep and is_float(a.aval)]
-        k = _interval(anchor_every, length)
+        k = interval(anchor_every, length)
         if positions and k is not None:
             plan[node.index] = (k, positions)
     return plan
 
 
-def mixed_with_probes(graph, invals, stream_pos, collected, anchors=None):
+def mixed_with_probes(graph, invals, stream_pos, collected, anchors=None, inverted=None):
     """Mixed phase 1 that also records exact cotangents the sweep will use: the
     output cotangents of the non-submersive spine steps in ``collected`` (the
     fragments the sweep cannot recover) and, for the loops in ``anchors``, the carry
     cotangent at the start of every block. A zero is added at each such value, and
-    its cotangent is the record."""
+    its cotangent is the record. The loops in ``inverted`` are run by inversion (see
+    :func:`_evaluate_probed`)."""
     probes = _probes(graph, collected, anchors=anchors)
 
     def f(stream_vals, probe_vals):
         vals = list(invals)
         for i, s in zip(stream_pos, stream_vals):
             vals[i] = s
-        outs = _evaluate_probed(graph, vals, probe_vals, anchors)
+        outs = _evaluate_probed(graph, vals, probe_vals, anchors, inverted)
         return outs[0], outs[1:]
 
     loss, pullback, aux = jax.vjp(f, [invals[i] for i in stream_pos], probes, has_aux=True)

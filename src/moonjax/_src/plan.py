@@ -19,7 +19,9 @@ runs) and returns a :class:`Plan` that the gradient (``mode="auto"``, the defaul
 Reverse mode through a program's parts outside its loops keeps their activations, so
 reversible backprop is chosen only where every loop over the stream qualifies and the
 layers before the last loop are few (an embedding); the loss head after the loops is
-reverse mode under either treatment.
+reverse mode under either treatment. In a program that is swept, the loops that
+qualify still save their memory: mixed phase 1 runs them by inversion (one carry kept)
+and the sweep crosses them.
 """
 
 from __future__ import annotations
