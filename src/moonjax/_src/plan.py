@@ -67,14 +67,11 @@ class Plan:
     reason: str
     loops: tuple = ()
 
-    def loop(self, node) -> LoopPlan | None:
-        return next((lp for lp in self.loops if lp.node is node), None)
-
 
 def analyse(graph: G.Graph, stream_pos) -> Plan:
     """The plan for ``graph`` whose invars at ``stream_pos`` are the network input."""
     dep = stream_dependence(graph, [i in stream_pos for i in range(len(graph.invars))])
-    invertible = dict((id(node), body) for node, body in reversible_loops(graph, dep))
+    invertible = {id(node): body for node, body in reversible_loops(graph, dep)}
     loops = []
     for node in graph.nodes:
         if node.primitive is not lax.scan_p or not any(
