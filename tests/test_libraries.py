@@ -61,13 +61,7 @@ def _maf(key, base):
     return masked_autoregressive_flow(key, base_dist=base, flow_layers=2, nn_width=8)
 
 
-MAF_NAN = pytest.mark.xfail(strict=True, reason=(
-    "open: moonwalk_grad gives NaN in some entries of the masked autoregressive MLP's "
-    "hidden bias (layers[1].bias), on main before this change too"))
-
-
-@pytest.mark.parametrize("make", [_coupling("affine"), _coupling("spline"),
-                                  pytest.param(_maf, marks=MAF_NAN)],
+@pytest.mark.parametrize("make", [_coupling("affine"), _coupling("spline"), _maf],
                          ids=["coupling_flow-Affine", "coupling_flow-RQSpline", "maf"])
 def test_flowjax_flow_nll_matches_jax_grad(make):
     build = flowjax_nll(make)

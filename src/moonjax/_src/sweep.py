@@ -195,7 +195,10 @@ class _Sweep:
         self.evaluated: set[int] = set()
         self.resolved: set[int] = set()
         self.pullbacks: dict[int, object] = {}
-        self.queue: deque = deque()
+        # values to try to sweep across their last use, and nodes to try to resolve in
+        # reverse mode; the latter go first (see ``settle``)
+        self.forward: deque = deque()
+        self.backward: deque = deque()
         self.blocked: dict[int, _Blocked] = {}  # open: the sweep is stuck there now
         self.block_history: list[_Blocked] = []  # every place it was ever stuck
         self.head_nodes: set[int] = set()
@@ -230,9 +233,9 @@ class _Sweep:
 
     def set_known(self, v, ct):
         self.ct[id(v)] = None if ct is None else _up(ct)
-        self.queue.append(("fwd", v))
+        self.forward.append(v)
         if v.producer is not None and id(v.producer) not in self.resolved:
-            self.queue.append(("bwd", v.producer))
+            self.backward.append(v.producer)
 
     def contribute(self, a, c):
         if not isinstance(a, G.Value) or c is None or not is_float(a.aval):
@@ -365,21 +368,26 @@ class _Sweep:
         else:
             for a in node.inputs:
                 if self.is_dep(a) and id(a) in self.ct:
-                    self.queue.append(("fwd", a))
-            self.queue.append(("bwd", node))
+                    self.forward.append(a)
+            self.backward.append(node)
         # retried after the node's own resolution, which may reach them backwards
-        self.queue.extend(("fwd", v) for v in self.wake.pop(id(node), []))
+        self.forward.extend(self.wake.pop(id(node), []))
 
     def settle(self):
-        while self.queue or self.stalled:
-            if not self.queue:
-                self.queue.append(("fwd", self.stalled.pop(0)))
-            kind, item = self.queue.popleft()
-            if kind == "fwd":
-                if id(item) in self.ct and id(item) not in self.consumed:
-                    self._try_forward(item)
-            else:
-                self._try_backward(item)
+        """Resolve what reverse mode can before sweeping a value across its last use:
+        a use whose output cotangents are all known (from the loss or a recorded
+        fragment) is exact in reverse mode, while crossing it forwards would divide or
+        solve — and fail where the step is not invertible (a masked autoregressive
+        layer's weight, whose masked rows leave it singular)."""
+        while self.backward or self.forward or self.stalled:
+            if self.backward:
+                self._try_backward(self.backward.popleft())
+                continue
+            if not self.forward:
+                self.forward.append(self.stalled.pop(0))
+            v = self.forward.popleft()
+            if id(v) in self.ct and id(v) not in self.consumed:
+                self._try_forward(v)
 
     # -- resolution --------------------------------------------------------------------
 
@@ -401,7 +409,7 @@ class _Sweep:
             uses = self.unresolved[id(a)]
             uses[:] = [(n, p) for n, p in uses if n is not node]
             if id(a) in self.ct:
-                self.queue.append(("fwd", a))
+                self.forward.append(a)
             elif not uses and id(a) not in self.out_pending:
                 # all uses accounted for: reverse mode gives its cotangent
                 acc = self.acc.get(id(a))
