@@ -91,9 +91,10 @@ def test_log_det_carry_without_fragments_keeps_the_structure_error(x64):
 
 def test_the_default_runs_a_log_det_flow_by_anchored_reversible_backprop(x64):
     # its inverse subtracts and divides by the scales: reversible backprop, the carries
-    # (activations and log-det) stored every 4 steps; nothing recorded per step
+    # (activations and log-det) stored every 4 steps (8 layers: at 4 the loop's input
+    # is the only anchor); nothing recorded per step
     loss = accumulating_flow(lambda ld, s: ld + s)
-    report = moonjax.check(loss, flow_params(0), data(0))
+    report = moonjax.check(loss, flow_params(0, depth=8), data(0))
     assert report.treatment == "reversible", report.plan
     (scan,) = [g for g in report.groups if g.role == "scan"]
     assert scan.stability.startswith("anchored every"), scan

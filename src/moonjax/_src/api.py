@@ -28,7 +28,6 @@ from moonjax._src.phase1 import (
     AUTO_ANCHOR,
     anchor_plan,
     forward_batched,
-    interval,
     mixed_with_probes,
 )
 from moonjax._src.phase1 import MODES as PHASE1
@@ -431,8 +430,8 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
     if mode == "auto":  # the plan: from the program alone
         program = analyse(graph, stream_pos)
         treatment = "reversible" if program.treatment == REVERSIBLE else "mixed"
-        inverted = {lp.node.index: (lp.body, interval(lp.anchor_every, lp.node.params["length"]))
-                    for lp in program.loops if lp.treatment == REVERSIBLE}
+        inverted = {lp.node.index: lp.body for lp in program.loops
+                    if lp.treatment == REVERSIBLE}
     if treatment != "mixed":
         graph_aux, invals_aux, pos_aux, unpack = traced(True) if has_aux else (
             graph, invals, pos, lambda outs: (outs[0], None))

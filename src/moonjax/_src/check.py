@@ -45,6 +45,7 @@ from moonjax._src.errors import (
     UnsupportedPrimitiveError,
     where,
 )
+from moonjax._src.phase1 import reversible_anchor
 from moonjax._src.rules import vijp_rules
 
 __all__ = ["CheckReport", "LayerGroup", "StepInfo", "check"]
@@ -693,7 +694,7 @@ def check(
             notes.append(f"the analysis trace stopped early ({analysis_error!r}); the "
                          "table may be incomplete")
     groups = _with_treatments(_with_stability(_groups(steps), treatment, anchor_every),
-                              plan, mode, treatment)
+                              plan, mode, treatment, anchor_every)
     if treatment == "reversible":
         groups = _without_fragments(groups)
     total = sum(g.fragment_bytes for g in groups)
@@ -747,7 +748,8 @@ def _without_fragments(groups):
         for g in groups)
 
 
-def _with_treatments(groups, plan: P.Plan | None, mode: str, treatment: str):
+def _with_treatments(groups, plan: P.Plan | None, mode: str, treatment: str,
+                     anchor_every):
     """The scan groups with the plan's treatment of their loop."""
     if plan is None:
         return groups
@@ -757,12 +759,15 @@ def _with_treatments(groups, plan: P.Plan | None, mode: str, treatment: str):
         lp = next(loops, None) if g.role == "scan" else None
         if lp is not None and _line_key(lp.where) != g.location:  # pragma: no cover
             lp = None
-        if lp is not None and treatment == "reversible":
-            kept = ("nothing kept per step" if lp.anchor_every is None else
-                    f"the carry kept every {lp.anchor_every} steps")
-            stability = ("drift-checked" if lp.treatment != P.REVERSIBLE else
-                         "volume-preserving" if lp.anchor_every is None else
-                         f"anchored every {lp.anchor_every}")
+        if lp is not None and treatment == "reversible" and lp.body is None:
+            g = dataclasses.replace(g, treatment=f"reverse mode ({lp.reason})",
+                                    stability="exact")
+        elif lp is not None and treatment == "reversible":
+            # the anchors phase1.reversible stores for these options
+            k = reversible_anchor(lp.body.inversion, anchor_every, g.length)
+            kept = "nothing kept per step" if k is None else f"the carry kept every {k} steps"
+            stability = (f"anchored every {k}" if k is not None else "volume-preserving"
+                         if lp.body.inversion.amplifier is None else "drift-checked")
             g = dataclasses.replace(g, treatment=f"reversible backprop, {kept} "
                                     f"({lp.reason})", stability=stability)
         elif lp is not None and mode == "auto" and lp.treatment == P.REVERSIBLE:

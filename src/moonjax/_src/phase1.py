@@ -61,14 +61,7 @@ def reversible(graph, invals, stream_pos, diff_pos, anchor_every="auto"):
 
     def bind(node, args):
         loop = loops.get(node.index)
-        if loop is None:
-            return None
-        nc, ncar = node.params["num_consts"], node.params["num_carry"]
-        k = anchor_every
-        if k == "auto":
-            k = AUTO_ANCHOR if loop.inversion.amplifier is not None else None
-        return _reversible_scan(node, loop, interval(k, node.params["length"]))(
-            args[:nc], args[nc:nc + ncar], args[nc + ncar:])
+        return None if loop is None else _reversible_scan(node, loop, anchor_every)(args)
 
     def f(*diff_vals):
         vals = list(invals)
@@ -131,13 +124,24 @@ def _ct_zero(x):
     return jnp.zeros_like(x) if is_float(jax.typeof(x)) else _float0_like(x)
 
 
-def _reversible_scan(node, loop: LoopBody, k: int | None):
-    """The loop as a ``custom_vjp`` whose backward pass inverts it step by step; with
-    ``k``, the forward pass also stores the carry at the start of every block of ``k``
-    steps, and going back each block restarts from its stored carry (the anchors of
-    reversible backprop: rounding grows over ``k`` steps at most)."""
+def reversible_anchor(inversion: Inversion, anchor_every, length: int) -> int | None:
+    """How often reversible backprop stores a loop's carry: ``anchor_every`` (an int, or
+    ``None``: never), or for ``"auto"`` every :data:`AUTO_ANCHOR` steps where the inverse
+    can amplify rounding (never for additions and moves); see :func:`interval`."""
+    if anchor_every == "auto":
+        anchor_every = AUTO_ANCHOR if inversion.amplifier is not None else None
+    return interval(anchor_every, length)
+
+
+def _reversible_scan(node, loop: LoopBody, anchor_every):
+    """The loop as a ``custom_vjp`` whose backward pass inverts it step by step, as a
+    function of the node's inputs. Anchored every ``k`` steps
+    (:func:`reversible_anchor`), the forward pass also stores the carry at the start of
+    every block of ``k`` steps, and going back each block restarts from its stored
+    carry: rounding grows over ``k`` steps at most."""
     p = node.params
     nc, ncar, length, rev = p["num_consts"], p["num_carry"], p["length"], p["reverse"]
+    k = reversible_anchor(loop.inversion, anchor_every, length)
     body, body_consts, inversion = loop.graph, loop.consts, loop.inversion
     n_lead = len(body_consts)
     carry_vars = body.invars[n_lead + nc:n_lead + nc + ncar]
@@ -226,7 +230,8 @@ def _reversible_scan(node, loop: LoopBody, k: int | None):
         return ct_consts, g_init, ct_xs
 
     run.defvjp(fwd, bwd)
-    return lambda consts, init, xs: _flat(run(list(consts), list(init), list(xs)))
+    return lambda args: _flat(run(list(args[:nc]), list(args[nc:nc + ncar]),
+                                  list(args[nc + ncar:])))
 
 
 def _most(drifts):
@@ -422,15 +427,14 @@ def _evaluate_probed(graph, invals, probes, anchors=None, inverted=None):
     """Evaluate ``graph`` for mixed phase 1: probes added where records are taken,
     ``select_n`` masks kept bit-packed (:mod:`moonjax._src.masks`), and every loop
     evaluated step by step so that its body gets the same treatment. The loops in
-    ``inverted`` (``node.index -> (LoopBody, k)``) that record nothing are run by
-    inversion instead (:func:`_reversible_scan`): their phase 1 keeps one carry."""
+    ``inverted`` (``node.index -> LoopBody``) that record nothing are run by inversion
+    instead (:func:`_reversible_scan`, anchored as ``"auto"`` says): their phase 1
+    keeps one carry."""
 
     def bind(node, args):
         entry = probes.get(node.index)
         if node.index in (inverted or {}) and not entry:
-            nc, ncar = node.params["num_consts"], node.params["num_carry"]
-            return _reversible_scan(node, *inverted[node.index])(
-                args[:nc], args[nc:nc + ncar], args[nc + ncar:])
+            return _reversible_scan(node, inverted[node.index], "auto")(args)
         if node.primitive is lax.scan_p:
             return loop(node, args, entry or {})
         if node.primitive is lax.select_n_p and len(args) == 3 and masks.packable(

@@ -32,7 +32,7 @@ from jax import lax
 
 from moonjax._src import graph as G
 from moonjax._src.errors import where
-from moonjax._src.phase1 import AUTO_ANCHOR, LoopBody, reversible_loops
+from moonjax._src.phase1 import LoopBody, reversible_anchor, reversible_loops
 from moonjax._src.sweep import stream_dependence
 
 REVERSIBLE = "reversible"
@@ -109,8 +109,9 @@ def _loop_plan(node, body: LoopBody | None) -> LoopPlan:
     if inversion.amplifier is None:
         return LoopPlan(node, REVERSIBLE, "its inverse adds and moves only", body)
     if inversion.divides_only:
-        return LoopPlan(node, REVERSIBLE, f"its inverse {inversion.amplifier.describe()}: "
-                        f"anchored every {AUTO_ANCHOR} steps", body, AUTO_ANCHOR)
+        k = reversible_anchor(inversion, "auto", node.params["length"])
+        return LoopPlan(node, REVERSIBLE, f"its inverse {inversion.amplifier.describe()}"
+                        + (f": anchored every {k} steps" if k else ""), body, k)
     return LoopPlan(node, MOONWALK, f"its inverse {inversion.amplifier.describe()}", body)
 
 
