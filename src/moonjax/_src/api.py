@@ -358,8 +358,24 @@ def _reporting(active: bool):
         REPORT.reset(token)
 
 
-class _NeedsRecords(Exception):
-    """Internal: phase 1 must record cotangents (anchors) before the sweep."""
+def _sweep_needs(graph, stream_pos, run_sweep, fragments: bool, anchor_every):
+    """What mixed phase 1 records for the sweep: ``(fragments, anchors)``. One abstract
+    pass of the sweep (shapes only, under :func:`jax.eval_shape`: none of it runs)
+    finds the spine steps it cannot invert (the fragments, with ``fragments``; without,
+    the first such step raises here) and the steps it crosses; the anchored loops are
+    every top-level loop over the stream for an int ``anchor_every``, those whose swept
+    body amplifies rounding for ``"auto"``."""
+    collected = Collect() if fragments else None
+    auto = anchor_every == "auto"
+    zeros = {i: jnp.zeros(graph.invars[i].aval.shape, graph.invars[i].aval.dtype)
+             for i in stream_pos}
+    with _reporting(auto) as steps:
+        jax.eval_shape(lambda: run_sweep(zeros, fragments=collected) and None)
+    if isinstance(anchor_every, int):
+        anchors = anchor_plan(graph, stream_pos, anchor_every)
+    else:
+        anchors = _auto_anchors(graph, stream_pos, steps) if auto else {}
+    return collected if collected is not None else Collect(), anchors
 
 
 class _Static(NamedTuple):
@@ -448,17 +464,6 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
             forward_batched, debug=debug)
         outs, g_stream = phase1_of(graph_aux, invals_aux, stream_at)
         loss, aux = unpack(outs)
-    elif has_aux:  # phase 1 in reverse mode for the input cotangent, parameters fixed
-        def phase1(*stream_vals):
-            vals = list(flat)
-            for j, s in zip(static.stream, stream_vals):
-                vals[j] = s
-            out = call(vals)
-            return out[0], out[1]
-
-        loss, pullback, aux = jax.vjp(phase1, *[flat[j] for j in static.stream],
-                                      has_aux=True)
-        g_stream = pullback(jnp.ones_like(loss))
 
     # Phase 2: the sweep, on the program of the loss alone.
     stream_mask = [False] * len(invals)
@@ -469,46 +474,40 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
         params_mask[pos[j]] = True
     run_sweep = functools.partial(sweep, graph, invals, stream_mask, head=True,
                                   params=params_mask, debug=debug)
-    if treatment == "mixed" and not has_aux:
-        outs, g_stream, _ = mixed_with_probes(graph, invals, stream_pos, Collect(), {},
-                                              inverted)
-        loss, aux = outs[0], None
-    plan = {}
-    auto = anchor_every == "auto" and treatment == "mixed"  # anchors chosen from the sweep
-    if treatment == "mixed" and isinstance(anchor_every, int):
-        plan = anchor_plan(graph, stream_pos, anchor_every)
-    try:
-        if plan:
-            raise _NeedsRecords
-        with _reporting(auto) as steps, D.measuring() as measured:
-            _, _, in_cts = run_sweep({pos[j]: g for j, g in zip(static.stream, g_stream)})
-        plan = _auto_anchors(graph, stream_pos, steps)
-        if plan:
-            raise _NeedsRecords
-    except (NotSubmersiveError, UnsupportedPrimitiveError, SpineStructureError,
-            _NeedsRecords) as e:
-        if treatment == "forward" and fragments:
-            raise type(e)(f"{e}\n  note: mode='forward' records no fragments; the default "
-                          "mode (Moonwalk, mixed phase 1) records what this layer "
-                          "erases") from None
-        if treatment != "mixed" or (not fragments and not isinstance(e, _NeedsRecords)):
-            raise
-        # Fragmental checkpointing (and anchors): find the spine steps the sweep cannot
-        # invert, let phase 1 record their exact output cotangents (and the anchored
-        # carries), and sweep again with the records.
-        collected = Collect()
-        if fragments:
-            zeros = {pos[j]: jnp.zeros_like(g) for j, g in zip(static.stream, g_stream)}
-            with _reporting(auto) as steps:
-                run_sweep(zeros, fragments=collected)
-            if auto and not plan:
-                plan = _auto_anchors(graph, stream_pos, steps)
-        outs, g_stream, recorded = mixed_with_probes(graph, invals, stream_pos, collected, plan,
-                                                     inverted)
-        loss = outs[0]
-        with D.measuring() as measured:
-            _, _, in_cts = run_sweep({pos[j]: g for j, g in zip(static.stream, g_stream)},
-                                     fragments=recorded)
+    recorded = None
+    if treatment == "mixed":
+        collected, anchors = _sweep_needs(graph, stream_pos, run_sweep, fragments,
+                                          anchor_every)
+        if has_aux and not (collected or anchors or inverted):
+            # nothing to record: phase 1 is the reverse pass of the user's function
+            def phase1(*stream_vals):
+                vals = list(flat)
+                for j, s in zip(static.stream, stream_vals):
+                    vals[j] = s
+                out = call(vals)
+                return out[0], out[1]
+
+            loss, pullback, aux = jax.vjp(phase1, *[flat[j] for j in static.stream],
+                                          has_aux=True)
+            g_stream = pullback(jnp.ones_like(loss))
+        else:
+            outs, g_stream, recorded = mixed_with_probes(graph, invals, stream_pos, collected,
+                                                         anchors, inverted)
+            loss = outs[0]
+            aux = call(flat)[1] if has_aux else None
+    known = {pos[j]: g for j, g in zip(static.stream, g_stream)}
+    with D.measuring() as measured:
+        if treatment == "forward":
+            try:
+                _, _, in_cts = run_sweep(known)
+            except (NotSubmersiveError, UnsupportedPrimitiveError, SpineStructureError) as e:
+                if not fragments:
+                    raise
+                raise type(e)(f"{e}\n  note: mode='forward' records no fragments; the "
+                              "default mode (Moonwalk, mixed phase 1) records what this "
+                              "layer erases") from None
+        else:
+            _, _, in_cts = run_sweep(known, fragments=recorded)
     cts = {j: in_cts[pos[j]] for j in static.params}
     cts.update(zip(static.stream, g_stream))
     value = (loss, aux) if has_aux else loss
