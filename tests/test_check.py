@@ -184,7 +184,9 @@ def test_scanned_relu_net_counts_fragments_once_per_layer():
         h = lax.scan(lambda h, w: (jax.nn.relu(h @ w), None), x, ws)[0]  # marker
         return jnp.sum(jnp.tanh(h @ ws[0]))
 
-    r = check(loss, jnp.stack([jnp.eye(4)] * 5), RELU_X)
+    ws = jnp.stack([jnp.eye(4)] * 5)
+    assert check(loss, ws, RELU_X).treatment == "checkpointed"  # the default: no sweep
+    r = check(loss, ws, RELU_X, mode="mixed")
     scan = r.groups[0]
     assert r.ok and not r.submersive and scan.role == "scan" and not scan.submersive
     per_layer = sum(g.fragment_bytes for g in scan.groups)

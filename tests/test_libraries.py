@@ -148,14 +148,17 @@ def test_iresnet_stack_is_exact_by_a_fragment_per_step(scanned):
         ws = jax.random.normal(jax.random.PRNGKey(seed), (depth, DIM, DIM))
         x = data(seed)
         assert_grads_close(moonjax.moonwalk_grad(loss)(ws, x), jax.grad(loss)(ws, x))
-    # what it costs: one recorded cotangent of the block's output per step
-    report = moonjax.check(loss, ws, x)
+    # the default checkpoints a loop of them (reverse mode: no fragments); Moonwalk's
+    # sweep records one cotangent of the block's output per step
+    assert moonjax.check(loss, ws, x).treatment == ("checkpointed" if scanned else "mixed")
+    assert_grads_close(moonjax.moonwalk_grad(loss, mode="mixed")(ws, x), jax.grad(loss)(ws, x))
+    report = moonjax.check(loss, ws, x, mode="mixed")
     assert report.ok, report
     per_step = sum(g.fragment_bytes for g in report.groups
                    if g.role == "scan" or "iresnet.<locals>.block" in g.location)
     assert per_step == depth * x.size * x.dtype.itemsize, report.groups
     with pytest.raises(moonjax.SpineStructureError, match="feeds 2 operations"):
-        moonjax.moonwalk_grad(loss, fragments=False)(ws, x)
+        moonjax.moonwalk_grad(loss, mode="mixed", fragments=False)(ws, x)
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from moonjax._src.phase1 import (
 )
 from moonjax._src.phase1 import MODES as PHASE1
 from moonjax._src.phase1 import reversible as reversible_backprop
-from moonjax._src.plan import REVERSIBLE, analyse
+from moonjax._src.plan import CHECKPOINTED, REVERSIBLE, RUNS, analyse
 from moonjax._src.rules import VijpRule
 from moonjax._src.sweep import REPORT, SHIFTS, Collect, sweep
 
@@ -143,9 +143,12 @@ def moonwalk_value_and_grad(
         input gradient. Labels and masks should stay out of it.
       mode: the treatment. ``"auto"`` (the default): a static plan of the program
         picks the cheapest exact and stable one (``moonjax.check`` shows it):
-        reversible backprop when every ``lax.scan`` over layers inverts by additions
-        and moves alone (additive couplings, permutations), Moonwalk (``"mixed"``)
-        otherwise. The others force one treatment: ``"mixed"``: a reverse pass for
+        reversible backprop for each ``lax.scan`` over layers that inverts by
+        additions and moves (additive couplings, permutations) or elementwise
+        divisions (affine couplings, anchored), checkpointed reverse mode (the carry
+        stored every ``sqrt(length)`` steps, each block recomputed once) for the other
+        loops, Moonwalk (``"mixed"``) for programs without loops or with many layers
+        outside them. The others force one treatment: ``"mixed"``: a reverse pass for
         the input cotangent only, storing what that needs (weights, sign masks), not
         activations, then the sweep. ``"reversible"``: reversible backprop, no sweep:
         each ``lax.scan`` over layers keeps its final carry only and, going back,
@@ -445,18 +448,24 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
     inverted = {}  # loops whose mixed phase 1 runs by inversion: one carry kept
     if mode == "auto":  # the plan: from the program alone
         program = analyse(graph, stream_pos)
-        treatment = "reversible" if program.treatment == REVERSIBLE else "mixed"
+        treatment = RUNS[program.treatment]
         inverted = {lp.node.index: lp.body for lp in program.loops
                     if lp.treatment == REVERSIBLE}
     if treatment != "mixed":
         graph_aux, invals_aux, pos_aux, unpack = traced(True) if has_aux else (
             graph, invals, pos, lambda outs: (outs[0], None))
         stream_at = [pos_aux[j] for j in static.stream]
-        if treatment == "reversible":  # reversible backprop: every cotangent at once
+        if treatment in ("reversible", "checkpointed"):  # every cotangent at once
+            checkpointed = {}
+            if treatment == "checkpointed":  # the plan's loops, in the traced program
+                loops = analyse(graph_aux, stream_at).loops if has_aux else program.loops
+                checkpointed = {lp.node.index: lp.anchor_every for lp in loops
+                                if lp.treatment == CHECKPOINTED}
             wanted = list(dict.fromkeys(static.stream + static.params))
             with D.measuring() as measured:
                 outs, cts = reversible_backprop(graph_aux, invals_aux, stream_at,
-                                                [pos_aux[j] for j in wanted], anchor_every)
+                                                [pos_aux[j] for j in wanted], anchor_every,
+                                                checkpointed)
             loss, aux = unpack(outs)
             value = (loss, aux) if has_aux else loss
             return value, _grads(static, flat, dict(zip(wanted, cts))), measured, treatment

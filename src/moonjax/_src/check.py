@@ -178,8 +178,9 @@ class CheckReport:
       rules: spine primitive name -> the rule families that crossed it.
       mode, fragments: the options checked.
       treatment: what the gradient runs: ``"reversible"`` (reversible backprop),
-        ``"mixed"`` (Moonwalk) or ``"forward"``; with ``mode="auto"`` the plan's
-        choice, and ``plan`` says why.
+        ``"checkpointed"`` (reverse mode: loops inverted, or checkpointed where they
+        do not invert by additions, moves or divisions), ``"mixed"`` (Moonwalk) or
+        ``"forward"``; with ``mode="auto"`` the plan's choice, and ``plan`` says why.
       notes: anything else worth knowing.
     """
 
@@ -310,7 +311,9 @@ class CheckReport:
 
 
 _TREATMENTS = {"reversible": "reversible backprop", "mixed": "Moonwalk (mixed phase 1, sweep)",
-               "forward": "forward phase 1, sweep"}
+               "forward": "forward phase 1, sweep",
+               "checkpointed": "reverse mode, loops inverted or checkpointed"}
+_NO_SWEEP = ("reversible", "checkpointed")
 
 
 def _bytes(n: int) -> str:
@@ -682,20 +685,20 @@ def check(
         layout.set_roles(argnums, stream_argnums)
         plan = _planned(loss, layout, has_aux)
         if mode == "auto" and plan is not None:
-            treatment = "reversible" if plan.treatment == P.REVERSIBLE else "mixed"
-        # reversible backprop runs no sweep: the sweep's analysis (as mixed mode would
-        # run it) shows the layers, and what it would record is not stored
+            treatment = P.RUNS[plan.treatment]
+        # reverse mode runs no sweep: the sweep's analysis (as mixed mode would run it)
+        # shows the layers, and what it would record is not stored
         steps, analysis_error, fragment_error = _analyse(
-            loss, layout, has_aux, "mixed" if treatment == "reversible" else treatment,
+            loss, layout, has_aux, "mixed" if treatment in _NO_SWEEP else treatment,
             fragments)
-        if treatment == "reversible":
+        if treatment in _NO_SWEEP:
             fragment_error = None
         if error is None and analysis_error is not None:  # pragma: no cover - divergence
             notes.append(f"the analysis trace stopped early ({analysis_error!r}); the "
                          "table may be incomplete")
     groups = _with_treatments(_with_stability(_groups(steps), treatment, anchor_every),
                               plan, mode, treatment, anchor_every)
-    if treatment == "reversible":
+    if treatment in _NO_SWEEP:
         groups = _without_fragments(groups)
     total = sum(g.fragment_bytes for g in groups)
     submersive = error is None and fragment_error is None and total == 0
@@ -737,7 +740,7 @@ def _plan_text(plan: P.Plan | None, mode: str, treatment: str) -> str:
     if mode == "auto":
         return f"{_TREATMENTS[treatment]}: {plan.reason}"
     return f"mode={mode!r} forces {_TREATMENTS[treatment]} (the default would choose " \
-           f"{_TREATMENTS['reversible' if plan.treatment == P.REVERSIBLE else 'mixed']}: " \
+           f"{_TREATMENTS[P.RUNS[plan.treatment]]}: " \
            f"{plan.reason})"
 
 
@@ -746,6 +749,12 @@ def _without_fragments(groups):
         g, fragment_bytes=0, submersive=True, groups=_without_fragments(g.groups),
         steps=tuple(dataclasses.replace(st, fragment_bytes=0) for st in g.steps))
         for g in groups)
+
+
+def _exact(groups):
+    """The groups as reverse mode differentiates them: exact, nothing amplified."""
+    return tuple(dataclasses.replace(g, stability="exact", groups=_exact(g.groups))
+                 for g in groups)
 
 
 def _with_treatments(groups, plan: P.Plan | None, mode: str, treatment: str,
@@ -759,10 +768,15 @@ def _with_treatments(groups, plan: P.Plan | None, mode: str, treatment: str,
         lp = next(loops, None) if g.role == "scan" else None
         if lp is not None and _line_key(lp.where) != g.location:  # pragma: no cover
             lp = None
-        if lp is not None and treatment == "reversible" and lp.body is None:
+        if lp is not None and treatment == "checkpointed" and lp.treatment == P.CHECKPOINTED:
+            g = dataclasses.replace(g, treatment=f"checkpointed reverse mode, the carry kept "
+                                    f"every {lp.anchor_every} steps, each block recomputed "
+                                    f"once ({lp.reason})", stability="exact",
+                                    groups=_exact(g.groups))
+        elif lp is not None and treatment in _NO_SWEEP and lp.body is None:
             g = dataclasses.replace(g, treatment=f"reverse mode ({lp.reason})",
                                     stability="exact")
-        elif lp is not None and treatment == "reversible":
+        elif lp is not None and treatment in _NO_SWEEP:
             # the anchors phase1.reversible stores for these options
             k = reversible_anchor(lp.body.inversion, anchor_every, g.length)
             kept = "nothing kept per step" if k is None else f"the carry kept every {k} steps"
@@ -776,7 +790,7 @@ def _with_treatments(groups, plan: P.Plan | None, mode: str, treatment: str,
         elif lp is not None:
             g = dataclasses.replace(g, treatment=f"sweeps its body with a scan "
                                     f"(reversible backprop: {lp.reason})")
-        elif treatment == "reversible":  # outside the loops: reverse mode, no sweep
+        elif treatment in _NO_SWEEP:  # outside the loops: reverse mode, no sweep
             g = dataclasses.replace(g, stability="exact")
         out.append(g)
     return tuple(out)

@@ -45,7 +45,7 @@ def evaluate(graph: G.Graph, invals, bind=None):
     return [read(o) for o in graph.outvars]
 
 
-def reversible(graph, invals, stream_pos, diff_pos, anchor_every="auto"):
+def reversible(graph, invals, stream_pos, diff_pos, anchor_every="auto", checkpointed=None):
     """Reversible backprop derived from the program: ``(outvals, cotangents of
     diff_pos)``. Every ``lax.scan`` over the stream keeps only its final carry; going
     back, each step's input is rebuilt from its output by inverting the body
@@ -54,12 +54,18 @@ def reversible(graph, invals, stream_pos, diff_pos, anchor_every="auto"):
 
     ``anchor_every``: ``k`` stores the carry every ``k`` steps and restarts the
     inversion there; ``"auto"`` does so every :data:`AUTO_ANCHOR` steps in the loops
-    whose inverse divides or solves (none for additions and moves); ``None`` never."""
+    whose inverse divides or solves (none for additions and moves); ``None`` never.
+
+    ``checkpointed``: ``node.index -> k`` for the loops run as checkpointed reverse
+    mode instead (:func:`_checkpointed_scan`)."""
     stream = [i in stream_pos for i in range(len(invals))]
     dep = stream_dependence(graph, stream)
     loops = {node.index: body for node, body in reversible_loops(graph, dep)}
+    checkpointed = checkpointed or {}
 
     def bind(node, args):
+        if node.index in checkpointed:
+            return _checkpointed_scan(node, checkpointed[node.index])(args)
         loop = loops.get(node.index)
         return None if loop is None else _reversible_scan(node, loop, anchor_every)(args)
 
@@ -232,6 +238,48 @@ def _reversible_scan(node, loop: LoopBody, anchor_every):
     run.defvjp(fwd, bwd)
     return lambda args: _flat(run(list(args[:nc]), list(args[nc:nc + ncar]),
                                   list(args[nc + ncar:])))
+
+
+def checkpoint_interval(length: int) -> int:
+    """Steps per block of a checkpointed loop: about ``sqrt(length)``, so that the
+    carries stored at the blocks' starts and one block's activations, rebuilt while
+    it is differentiated, weigh about the same."""
+    return max(1, min(length, round(math.sqrt(length))))
+
+
+def _checkpointed_scan(node, k: int):
+    """The loop as reverse mode over blocks of ``k`` steps, each block under
+    :func:`jax.checkpoint`: the forward pass keeps the carry at every block's start,
+    and going back each block is run forwards once more, its activations kept only
+    while it is differentiated. Exact (it is reverse mode) for any body; one extra
+    forward pass. A last, shorter block takes the steps ``k`` does not divide."""
+    p = node.params
+    nc, ncar, length, rev = p["num_consts"], p["num_carry"], p["length"], p["reverse"]
+    body, body_consts = G.flatten(p["jaxpr"])
+
+    def run(args):
+        consts, init, xs = list(args[:nc]), list(args[nc:nc + ncar]), list(args[nc + ncar:])
+
+        def step(carry, x):
+            outs = evaluate(body, [*body_consts, *consts, *carry, *x])
+            return list(outs[:ncar]), list(outs[ncar:])
+
+        def block(n):  # n steps, recomputed when differentiated
+            return jax.checkpoint(lambda carry, x_blk: lax.scan(
+                step, carry, x_blk, length=n, reverse=rev))
+
+        nb, r = divmod(length, k)
+        # the short block holds the steps run last: the end of xs, or its start if reversed
+        lo, hi = (r, length) if rev else (0, nb * k)
+        carry, ys = lax.scan(block(k), init, blocks([x[lo:hi] for x in xs], nb, k),
+                             length=nb, reverse=rev)
+        ys = unblocks(ys)
+        if r:
+            carry, tail = block(r)(carry, [x[:r] if rev else x[hi:] for x in xs])
+            ys = [jnp.concatenate([t, y] if rev else [y, t]) for y, t in zip(ys, tail)]
+        return [*carry, *ys]
+
+    return run
 
 
 def _most(drifts):
