@@ -239,7 +239,8 @@ def test_sign_masks_are_bit_packed():
     """Unanchored mixed phase 1 keeps a leaky-ReLU layer's mask at one bit per unit."""
     def per_layer_bytes(depth):
         loss, p, x, y = _orthogonal_leaky(depth, batch=256)
-        return _temp(moonjax.moonwalk_grad(loss, anchor_every=None, on_drift="nan"), p, x, y)
+        return _temp(moonjax.moonwalk_grad(loss, mode="mixed", anchor_every=None,
+                                           on_drift="nan"), p, x, y)
 
     units = 256 * 64
     growth = (per_layer_bytes(32) - per_layer_bytes(16)) / 16

@@ -65,7 +65,7 @@ def test_reversible_mode_cannot_invert_an_unsupported_primitive():
 
 def test_unsupported_primitive_error_is_a_not_implemented_error():
     with pytest.raises(NotImplementedError):
-        moonjax.moonwalk_grad(_scan_loss(_sort_layer), fragments=False)(WS, X)
+        moonjax.moonwalk_grad(_scan_loss(_sort_layer), mode="mixed", fragments=False)(WS, X)
 
 
 def test_cumsum_without_a_rule_is_unsupported_at_its_line():
@@ -118,7 +118,7 @@ def test_relu_in_a_scan_body_is_not_submersive_in_modes_without_fragments(mode):
 
 def test_relu_in_a_scan_body_without_fragments_points_at_the_body_line():
     with pytest.raises(moonjax.NotSubmersiveError) as e:
-        moonjax.moonwalk_grad(_scan_loss(_relu_layer), fragments=False)(WS, X)
+        moonjax.moonwalk_grad(_scan_loss(_relu_layer), mode="mixed", fragments=False)(WS, X)
     _points_at(e, _relu_layer, "marker: relu layer")
 
 
@@ -132,7 +132,7 @@ def test_expanding_dense_layer_in_a_scan_body_is_not_submersive():
 
     wide = jnp.ones((2, 4, 6))  # 4 -> 6 features, then a slice that drops two
     with pytest.raises(moonjax.NotSubmersiveError) as e:
-        moonjax.moonwalk_grad(loss, fragments=False)(wide, X)
+        moonjax.moonwalk_grad(loss, mode="mixed", fragments=False)(wide, X)
     msg = _points_at(e, layer, "# marker")
     assert "maps 4 features to 6" in msg
 
@@ -226,9 +226,9 @@ def test_a_scanned_residual_is_rescued_by_recording_the_carry_cotangent():
     # the sweep cannot cross x + f(x), so phase 1 records the loop carry's cotangent at
     # every step (one activation per layer, like a fragment) and reverse mode does the rest
     loss = _scan_loss(_residual)
-    got = moonjax.moonwalk_grad(loss)(WS, X)
+    got = moonjax.moonwalk_grad(loss, mode="mixed")(WS, X)
     assert np.allclose(got, jax.grad(loss)(WS, X), rtol=1e-10, atol=1e-12)
-    report = moonjax.check(loss, WS, X)
+    report = moonjax.check(loss, WS, X, mode="mixed")
     assert report.ok and not report.submersive
     assert report.fragment_bytes == len(WS) * X.size * X.dtype.itemsize
 

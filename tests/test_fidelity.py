@@ -30,7 +30,8 @@ def _errors(kind, depth, methods, slope=0.1, d=32, batch=16, seed=0):
 def test_the_default_keeps_a_deep_leaky_mlp_within_10x_of_float32_backprop(seed):
     """Slope 0.1, depth 256: the default anchors often enough (or refuses); without
     anchors the sweep is refused, never returned."""
-    err = _errors("leaky", 256, {"default": {}, "none": {"anchor_every": None}}, seed=seed)
+    err = _errors("leaky", 256, {"default": {}, "none": {"mode": "mixed", "anchor_every": None}},
+                  seed=seed)
     assert err["default"] is None or err["default"] <= 10 * err["jax.grad"]
     assert err["none"] is None  # why anchors exist: the drift check refuses the sweep
 
@@ -47,7 +48,7 @@ def test_anchored_sweep_is_exact_in_float64(anchor):
         params = PARAMS[kind](kp, 6, 6)
         x, y = data(kd, 3, 6)
         loss = classification_loss(scanned(LAYERS[kind]))
-        got = moonjax.moonwalk_grad(loss, anchor_every=anchor)(params, x, y)
+        got = moonjax.moonwalk_grad(loss, mode="mixed", anchor_every=anchor)(params, x, y)
         assert rel_err(got, jax.grad(loss)(params, x, y)) <= 1e-9
 
 
@@ -58,7 +59,7 @@ def test_anchor_memory_is_depth_over_k():
     def temp(depth, k):
         params = {"w": jnp.zeros((depth, 32, 32), jnp.float32),
                   "b": jnp.zeros((depth, 32), jnp.float32)}
-        fn = jax.jit(moonjax.moonwalk_grad(loss, anchor_every=k))
+        fn = jax.jit(moonjax.moonwalk_grad(loss, mode="mixed", anchor_every=k))
         return fn.lower(params, x, x).compile().memory_analysis().temp_size_in_bytes
 
     carry = 32 * 32 * 4
@@ -94,7 +95,7 @@ def _f32_case(kind, depth, slope=0.1, d=16, batch=8):
 
 def test_fidelity_flags_an_ill_conditioned_sweep_layer_by_layer():
     loss, args = _f32_case("leaky", 16)
-    report = moonjax.fidelity(loss, *args, anchor_every=None)
+    report = moonjax.fidelity(loss, *args, mode="mixed", anchor_every=None)
     assert report.reference == "float64" and not report.ok()
     assert report.drift > report.drift_tol and "BEYOND the tolerance" in str(report)
     assert report.backprop_error < 1e-5 and report.error > 1e3 * report.backprop_error

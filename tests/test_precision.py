@@ -64,10 +64,10 @@ def test_low_precision_couplings_are_as_close_to_float64_as_backprop(kind, dtype
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("depth", [4, 16])
 def test_low_precision_dense_layers_are_as_close_to_float64_as_backprop(kind, dtype, depth):
-    # float32 solves, float32 φ' and (by default for 16-bit inputs) auto anchors; measured
-    # at most 1.3× backprop's error (docs/reliability.md)
+    # the sweep: float32 solves, float32 φ' and (by default for 16-bit inputs) auto
+    # anchors; measured at most 1.3× backprop's error (docs/reliability.md)
     loss, args = _case(kind, depth=depth)
-    reference, backprop, got = _three_grads(loss, args, dtype)
+    reference, backprop, got = _three_grads(loss, args, dtype, mode="mixed")
     assert {a.dtype for a in jax.tree_util.tree_leaves(got)} == {jnp.dtype(dtype)}
     assert _rel(got, reference) <= 1.5 * _rel(backprop, reference)
 
@@ -77,17 +77,20 @@ def test_without_anchors_a_bfloat16_dense_sweep_drifts():
     loss, args = _case("leaky", depth=16)
     # an anchor interval longer than the network: no anchors
     with pytest.raises(jax.errors.JaxRuntimeError, match="inaccurate gradient"):
-        jax.block_until_ready(_three_grads(loss, args, jnp.bfloat16, anchor_every=1000))
+        jax.block_until_ready(_three_grads(loss, args, jnp.bfloat16, mode="mixed",
+                                           anchor_every=1000))
     # the check is what stops it: unchecked, the gradient is far from backprop's
-    reference, backprop, got = _three_grads(loss, args, jnp.bfloat16, anchor_every=1000,
-                                            drift_tol=1e30)
+    reference, backprop, got = _three_grads(loss, args, jnp.bfloat16, mode="mixed",
+                                            anchor_every=1000, drift_tol=1e30)
     assert _rel(got, reference) > 10 * _rel(backprop, reference)
 
 
 def test_a_saturated_bfloat16_tanh_is_caught_by_debug():
     # |x| > 9: tanh' is 0 even in float32, phase 1 erased the cotangent there, and the
-    # sweep divides 0 by 0; debug=True names the layer instead of returning NaN
+    # sweep divides 0 by 0; debug=True names the layer instead of returning NaN (the
+    # default checkpoints this loop: reverse mode, which saturation does not disturb)
     loss, (params, x, y) = _case("tanh", depth=4)
     low = _cast((params, 3.0 * x, y), jnp.bfloat16)
     with pytest.raises(moonjax.NonFiniteCotangentError, match="tanh"):
-        moonjax.moonwalk_grad(loss, debug=True)(*low)
+        moonjax.moonwalk_grad(loss, mode="mixed", debug=True)(*low)
+    assert moonjax.check(loss, *low).treatment == "checkpointed"

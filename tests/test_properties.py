@@ -255,8 +255,8 @@ def _with_examples(test):
 def test_unsupported_mutations_raise_without_fragments(net):
     note(repr(net))
     loss, params, x, y = build(net)
-    with pytest.raises(moonjax.MoonjaxError):
-        moonjax.moonwalk_grad(loss, fragments=False)(params, x, y)
+    with pytest.raises(moonjax.MoonjaxError):  # the sweep's errors (mode="mixed")
+        moonjax.moonwalk_grad(loss, mode="mixed", fragments=False)(params, x, y)
 
 
 @_with_examples

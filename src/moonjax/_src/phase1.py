@@ -240,19 +240,24 @@ def _reversible_scan(node, loop: LoopBody, anchor_every):
                                   list(args[nc + ncar:])))
 
 
-def checkpoint_interval(length: int) -> int:
-    """Steps per block of a checkpointed loop: about ``sqrt(length)``, so that the
-    carries stored at the blocks' starts and one block's activations, rebuilt while
-    it is differentiated, weigh about the same."""
-    return max(1, min(length, round(math.sqrt(length))))
+def checkpoint_interval(length: int) -> int | None:
+    """Steps per block of a checkpointed loop: the divisor of ``length`` nearest
+    ``sqrt(length)``, so that the carries stored at the blocks' starts and one block's
+    activations, rebuilt while it is differentiated, weigh about the same. Blocks
+    split the loop's ``xs`` by a reshape: a length with no divisor near its square
+    root (a prime) gives ``None``, as slicing the ``xs`` would copy the weights."""
+    root = math.sqrt(length)
+    k = min((d for d in range(1, length + 1) if length % d == 0),
+            key=lambda d: abs(math.log(d / root)))
+    return k if length // k + k <= 3 * root else None
 
 
 def _checkpointed_scan(node, k: int):
-    """The loop as reverse mode over blocks of ``k`` steps, each block under
-    :func:`jax.checkpoint`: the forward pass keeps the carry at every block's start,
-    and going back each block is run forwards once more, its activations kept only
-    while it is differentiated. Exact (it is reverse mode) for any body; one extra
-    forward pass. A last, shorter block takes the steps ``k`` does not divide."""
+    """The loop as reverse mode over blocks of ``k`` steps (``k`` divides its length),
+    each block under :func:`jax.checkpoint`: the forward pass keeps the carry at every
+    block's start, and going back each block is run forwards once more, its
+    activations kept only while it is differentiated. Exact (it is reverse mode) for
+    any body; one extra forward pass."""
     p = node.params
     nc, ncar, length, rev = p["num_consts"], p["num_carry"], p["length"], p["reverse"]
     body, body_consts = G.flatten(p["jaxpr"])
@@ -264,20 +269,11 @@ def _checkpointed_scan(node, k: int):
             outs = evaluate(body, [*body_consts, *consts, *carry, *x])
             return list(outs[:ncar]), list(outs[ncar:])
 
-        def block(n):  # n steps, recomputed when differentiated
-            return jax.checkpoint(lambda carry, x_blk: lax.scan(
-                step, carry, x_blk, length=n, reverse=rev))
-
-        nb, r = divmod(length, k)
-        # the short block holds the steps run last: the end of xs, or its start if reversed
-        lo, hi = (r, length) if rev else (0, nb * k)
-        carry, ys = lax.scan(block(k), init, blocks([x[lo:hi] for x in xs], nb, k),
-                             length=nb, reverse=rev)
-        ys = unblocks(ys)
-        if r:
-            carry, tail = block(r)(carry, [x[:r] if rev else x[hi:] for x in xs])
-            ys = [jnp.concatenate([t, y] if rev else [y, t]) for y, t in zip(ys, tail)]
-        return [*carry, *ys]
+        block = jax.checkpoint(lambda carry, x_blk: lax.scan(step, carry, x_blk, length=k,
+                                                             reverse=rev))
+        carry, ys = lax.scan(block, init, blocks(xs, length // k, k), length=length // k,
+                             reverse=rev)
+        return [*carry, *unblocks(ys)]
 
     return run
 

@@ -17,11 +17,14 @@ runs) and returns a :class:`Plan` that the gradient (``mode="auto"``, the defaul
   the block recomputed once while it is differentiated. Exact for any body, one extra
   forward pass. The sweep would anchor such a loop every few steps anyway (its
   cotangent is rebuilt through the same solves and divisions), keeping a cotangent
-  per anchor and solving per step: checkpointing keeps fewer carries for long loops
-  and runs at about 1.3x backprop's time.
+  per anchor and solving per step: checkpointing runs at about half its time, and for
+  long loops keeps less. Both are estimated from the residuals of one step's vjp
+  (shapes only), and the loop is checkpointed unless that keeps more than
+  :data:`CHECKPOINT_MARGIN` times what the sweep would.
 * ``moonwalk`` — mixed phase 1, then the inverse-forward sweep (anchored where the
-  sweep divides or solves, with fragments where it cannot cross): for programs without
-  loops, and where reverse mode outside the loops would keep many activations.
+  sweep divides or solves, with fragments where it cannot cross): for the loops above
+  where it keeps clearly less (short loops), for programs without loops, and where
+  reverse mode outside the loops would keep many activations.
 
 Reverse mode through a program's parts outside its loops keeps their activations, so
 the loops are run as above only where the layers before the last loop are few (an
@@ -34,11 +37,19 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 from jax import lax
 
 from moonjax._src import graph as G
 from moonjax._src.errors import where
-from moonjax._src.phase1 import LoopBody, checkpoint_interval, reversible_anchor, reversible_loops
+from moonjax._src.phase1 import (
+    AUTO_ANCHOR,
+    LoopBody,
+    checkpoint_interval,
+    evaluate,
+    reversible_anchor,
+    reversible_loops,
+)
 from moonjax._src.sweep import stream_dependence
 
 REVERSIBLE = "reversible"
@@ -47,7 +58,11 @@ MOONWALK = "moonwalk"
 # what the gradient runs for each treatment of the whole program (``mode=`` names)
 RUNS = {REVERSIBLE: "reversible", CHECKPOINTED: "checkpointed", MOONWALK: "mixed"}
 
-# reversible backprop for the whole program only while the stream-dependent values
+# checkpointed reverse mode for a loop unless it would keep more than this many times
+# what the sweep keeps (estimated): it is the faster of the two, by about 2x
+CHECKPOINT_MARGIN = 1.1
+
+# reverse mode for the whole program only while the stream-dependent values
 # outside the loops and before the last one (what reverse mode keeps there and the
 # sweep would not) are at most this many times the loops' carries
 OUTSIDE_LIMIT = 4
@@ -58,7 +73,7 @@ class LoopPlan:
     """One ``lax.scan`` over the stream: what it could get and why."""
 
     node: G.Node
-    treatment: str  # REVERSIBLE or CHECKPOINTED
+    treatment: str  # REVERSIBLE, CHECKPOINTED or MOONWALK
     reason: str  # the rule or primitive that decided it, with its source line
     body: LoopBody | None = None
     anchor_every: int | None = None  # the carry stored every k steps (None: never)
@@ -99,6 +114,10 @@ def analyse(graph: G.Graph, stream_pos) -> Plan:
         return Plan(MOONWALK, f"reverse mode outside the loops would keep {outside} bytes "
                     f"of activations ({outside / carried:.1f}x the loops' carries)",
                     tuple(loops))
+    swept = [lp for lp in loops if lp.treatment == MOONWALK]
+    if swept:
+        return Plan(MOONWALK, f"the loop at {swept[0].where}: {swept[0].reason}",
+                    tuple(loops))
     held = [lp for lp in loops if lp.treatment == CHECKPOINTED]
     if held:
         return Plan(CHECKPOINTED, f"the loop at {held[0].where}: {held[0].reason}",
@@ -110,7 +129,17 @@ def analyse(graph: G.Graph, stream_pos) -> Plan:
 
 def _loop_plan(node, body: LoopBody | None) -> LoopPlan:
     def checkpointed(reason):
-        k = checkpoint_interval(node.params["length"])
+        """Checkpointed reverse mode, unless the sweep keeps clearly less."""
+        length = node.params["length"]
+        k = checkpoint_interval(length)
+        if k is None:
+            return LoopPlan(node, MOONWALK, f"{reason}, and its length {length} has no "
+                            "divisor near its square root to checkpoint it by", body)
+        stuck = body is None or body.inversion.stuck is not None
+        kept, swept = _memory(node, k, stuck)
+        if kept > CHECKPOINT_MARGIN * swept:
+            return LoopPlan(node, MOONWALK, f"{reason}, and checkpointing it would keep "
+                            f"about {kept} bytes against the sweep's {swept}", body)
         return LoopPlan(node, CHECKPOINTED, reason, body, k)
 
     if body is None:
@@ -126,6 +155,45 @@ def _loop_plan(node, body: LoopBody | None) -> LoopPlan:
         return LoopPlan(node, REVERSIBLE, f"its inverse {inversion.amplifier.describe()}"
                         + (f": anchored every {k} steps" if k else ""), body, k)
     return checkpointed(f"its inverse {inversion.amplifier.describe()}")
+
+
+def _memory(node, k: int, stuck: bool) -> tuple[int, int]:
+    """Estimated bytes a loop keeps: ``(checkpointed in blocks of k, swept)``, from the
+    residuals JAX's vjp of one step keeps (shapes only, under ``jax.eval_shape``).
+    Checkpointed: a carry per block and one block's residuals of the vjp for every
+    input; swept: a carry cotangent every ``AUTO_ANCHOR`` steps (its anchors) and every
+    step's residuals of the vjp for the carry alone (mixed phase 1: parameters held
+    constant, sign masks packed to bits), and with ``stuck`` (no inverse) a fragment
+    of about a carry per step."""
+    p = node.params
+    nc, ncar, length = p["num_consts"], p["num_carry"], p["length"]
+    body, body_consts = G.flatten(p["jaxpr"])
+    avals = [a.aval for a in node.inputs]
+    sds = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+    shapes = ([sds(a) for a in avals[:nc]], [sds(a) for a in avals[nc:nc + ncar]],
+              [jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in avals[nc + ncar:]])
+
+    def residuals(carry_only: bool):
+        def f(consts, carry, xs):
+            step = lambda consts, carry, xs: evaluate(body, [*body_consts, *consts, *carry,
+                                                             *xs])
+            if carry_only:
+                _, pullback = jax.vjp(lambda c: step(consts, c, xs), carry)
+            else:
+                _, pullback = jax.vjp(step, consts, carry, xs)
+            held = {id(t) for t in jax.tree_util.tree_leaves((consts, xs))}  # not copied
+            return [r for r in jax.tree_util.tree_leaves(pullback) if id(r) not in held]
+
+        out = jax.eval_shape(f, *shapes)
+        bits = 1 if carry_only else 8  # a bool: packed by mixed phase 1, a byte otherwise
+        return sum(r.size * (bits / 8 if r.dtype == bool else r.dtype.itemsize) for r in out)
+
+    carry = sum(_bytes(a) for a in _carries(node))
+    checkpointed = (length // k) * carry + k * residuals(False)
+    # a body with no inverse is one the sweep cannot cross either: a fragment per step
+    fragment = carry if stuck else 0
+    swept = length * (residuals(True) + fragment) + (length // AUTO_ANCHOR) * carry
+    return int(checkpointed), int(swept)
 
 
 def _carries(node) -> list:
