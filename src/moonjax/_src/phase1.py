@@ -240,42 +240,117 @@ def _reversible_scan(node, loop: LoopBody, anchor_every):
                                   list(args[nc + ncar:])))
 
 
-def checkpoint_interval(length: int) -> int | None:
-    """Steps per block of a checkpointed loop: the divisor of ``length`` nearest
-    ``sqrt(length)``, so that the carries stored at the blocks' starts and one block's
-    activations, rebuilt while it is differentiated, weigh about the same. Blocks
-    split the loop's ``xs`` by a reshape: a length with no divisor near its square
-    root (a prime) gives ``None``, as slicing the ``xs`` would copy the weights."""
-    root = math.sqrt(length)
-    k = min((d for d in range(1, length + 1) if length % d == 0),
-            key=lambda d: abs(math.log(d / root)))
-    return k if length // k + k <= 3 * root else None
+def checkpoint_interval(length: int) -> int:
+    """Steps per block of a checkpointed loop: about ``sqrt(length)``, so that the
+    carries stored at the blocks' starts and one block's step inputs, rebuilt while it
+    is differentiated, weigh about the same."""
+    return max(1, min(length, round(math.sqrt(length))))
 
 
 def _checkpointed_scan(node, k: int):
-    """The loop as reverse mode over blocks of ``k`` steps (``k`` divides its length),
-    each block under :func:`jax.checkpoint`: the forward pass keeps the carry at every
-    block's start, and going back each block is run forwards once more, its
-    activations kept only while it is differentiated. Exact (it is reverse mode) for
-    any body; one extra forward pass."""
+    """The loop as reverse mode over blocks of ``k`` steps, as a function of the
+    node's inputs: the forward pass keeps the carry at every block's start; going
+    back, each block is run forwards once more from it, keeping its ``k`` step inputs,
+    and each step's vjp gives the input, consts and ``xs`` cotangents. Exact (reverse
+    mode) for any body, about one extra forward pass. The last block may be shorter:
+    ``xs`` and ``ys`` are read and written in place by step index, never sliced (a
+    slice would copy the weights)."""
     p = node.params
     nc, ncar, length, rev = p["num_consts"], p["num_carry"], p["length"], p["reverse"]
     body, body_consts = G.flatten(p["jaxpr"])
+    nb = -(-length // k)
+    index = (lambda t: length - 1 - t) if rev else (lambda t: t)  # the t-th step's row
 
-    def run(args):
-        consts, init, xs = list(args[:nc]), list(args[nc:nc + ncar]), list(args[nc + ncar:])
+    def step_fn(consts, carry, x):
+        outs = evaluate(body, [*body_consts, *consts, *carry, *x])
+        return list(outs[:ncar]), list(outs[ncar:])
 
-        def step(carry, x):
-            outs = evaluate(body, [*body_consts, *consts, *carry, *x])
-            return list(outs[:ncar]), list(outs[ncar:])
+    def row(arrays, i):
+        return [lax.dynamic_index_in_dim(a, i, keepdims=False) for a in arrays]
 
-        block = jax.checkpoint(lambda carry, x_blk: lax.scan(step, carry, x_blk, length=k,
-                                                             reverse=rev))
-        carry, ys = lax.scan(block, init, blocks(xs, length // k, k), length=length // k,
-                             reverse=rev)
-        return [*carry, *unblocks(ys)]
+    def put_row(arrays, values, i):
+        return [lax.dynamic_update_index_in_dim(a, v, i, 0) for a, v in zip(arrays, values)]
 
-    return run
+    def in_loop(t, fn, state):  # the steps past the end of the last block do nothing
+        return lax.cond(t < length, fn, lambda s: s, state)
+
+    @jax.custom_vjp
+    def run(consts, init, xs):
+        outs = node.bind(*consts, *init, *xs)
+        return list(outs[:ncar]), list(outs[ncar:])
+
+    def fwd(consts, init, xs):
+        y_avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype)
+                   for v in body.outvars[ncar:]]
+        ys0 = [jnp.zeros((length, *a.shape), a.dtype) for a in y_avals]
+
+        def block(state, b):
+            def one(j, st):
+                def do(st):
+                    carry, ys = st
+                    i = index(b * k + j)
+                    carry, y = step_fn(consts, carry, row(xs, i))
+                    return carry, put_row(ys, y, i)
+                return in_loop(b * k + j, do, st)
+
+            return lax.fori_loop(0, k, one, state), state[0]
+
+        (carry, ys), starts = lax.scan(block, (list(init), ys0), jnp.arange(nb))
+        return (carry, ys), (consts, xs, starts)
+
+    def bwd(res, cts):
+        consts, xs, starts = res
+        g_carry, g_ys = cts
+        fc = [i for i, c in enumerate(consts) if is_float(jax.typeof(c))]
+        fx = [i for i, x in enumerate(xs) if is_float(jax.typeof(x))]
+
+        def block(state, b):
+            start = [s[b] for s in starts]
+            inputs0 = [jnp.zeros((k, *c.shape), c.dtype) for c in start]
+
+            def rebuild(j, st):  # the block's step inputs, from its stored start
+                carry, inputs = st
+                inputs = put_row(inputs, carry, j)
+                carry = in_loop(b * k + j, lambda c: step_fn(consts, c, row(xs, index(
+                    b * k + j)))[0], carry)
+                return carry, inputs
+
+            _, inputs = lax.fori_loop(0, k, rebuild, (start, inputs0))
+
+            def back(jj, st):
+                j = k - 1 - jj
+
+                def do(st):
+                    g, g_consts, g_xs = st
+                    i = index(b * k + j)
+                    x = row(xs, i)
+
+                    def step_vjp(cf, c, xf):
+                        return step_fn(_put(consts, fc, cf), c, _put(x, fx, xf))
+
+                    _, vjp = jax.vjp(step_vjp, [consts[n] for n in fc], row(inputs, j),
+                                     [x[n] for n in fx])
+                    gc, g_in, gx = vjp((g, row(g_ys, i)))
+                    return (g_in, [a + c for a, c in zip(g_consts, gc)],
+                            put_row(g_xs, gx, i))
+                return in_loop(b * k + j, do, st)
+
+            return lax.fori_loop(0, k, back, state), None
+
+        state = (list(g_carry), [jnp.zeros_like(consts[n]) for n in fc],
+                 [jnp.zeros_like(xs[n]) for n in fx])
+        (g_init, g_consts, g_xs), _ = lax.scan(block, state, jnp.arange(nb), reverse=True)
+        ct_consts = [_ct_zero(c) for c in consts]
+        for n, c in zip(fc, g_consts):
+            ct_consts[n] = c
+        ct_xs = [_ct_zero(x) for x in xs]
+        for n, c in zip(fx, g_xs):
+            ct_xs[n] = c
+        return ct_consts, g_init, ct_xs
+
+    run.defvjp(fwd, bwd)
+    return lambda args: _flat(run(list(args[:nc]), list(args[nc:nc + ncar]),
+                                  list(args[nc + ncar:])))
 
 
 def _most(drifts):

@@ -11,16 +11,16 @@ runs) and returns a :class:`Plan` that the gradient (``mode="auto"``, the defaul
   one carry kept per loop, no sweep afterwards. Where the inverse also divides
   elementwise by known values (an affine coupling's scale), the carry is stored every
   :data:`~moonjax._src.phase1.AUTO_ANCHOR` steps and the inversion restarts there.
-* ``checkpointed`` — a loop whose inverse solves with a weight, takes Newton steps,
-  does not exist, or that reads the network input outside its carry: reverse mode over
-  blocks of about ``sqrt(length)`` steps, the carry stored at each block's start and
-  the block recomputed once while it is differentiated. Exact for any body, one extra
-  forward pass. The sweep would anchor such a loop every few steps anyway (its
-  cotangent is rebuilt through the same solves and divisions), keeping a cotangent
-  per anchor and solving per step: checkpointing runs at about half its time, and for
-  long loops keeps less. Both are estimated from the residuals of one step's vjp
-  (shapes only), and the loop is checkpointed unless that keeps more than
-  :data:`CHECKPOINT_MARGIN` times what the sweep would.
+* ``checkpointed`` — a loop whose inverse solves with a weight, takes Newton steps, does
+  not exist, or that reads the network input outside its carry: reverse mode over blocks
+  of about ``sqrt(length)`` steps, the carry stored at each block's start, and going
+  back each block run forwards once more for its step inputs, then each step's vjp.
+  Exact for any body, about one extra forward pass. The sweep would anchor such a loop
+  every few steps anyway (its cotangent is rebuilt through the same solves and
+  divisions), keeping a cotangent per anchor and solving per step: checkpointing runs at
+  about half its time, and for long loops keeps less. Both are estimated from the
+  residuals of one step's vjp (shapes only), and the loop is checkpointed unless that
+  keeps more than :data:`CHECKPOINT_MARGIN` times what the sweep would.
 * ``moonwalk`` — mixed phase 1, then the inverse-forward sweep (anchored where the
   sweep divides or solves, with fragments where it cannot cross): for the loops above
   where it keeps clearly less (short loops), for programs without loops, and where
@@ -47,6 +47,7 @@ from moonjax._src.phase1 import (
     LoopBody,
     checkpoint_interval,
     evaluate,
+    interval,
     reversible_anchor,
     reversible_loops,
 )
@@ -132,9 +133,6 @@ def _loop_plan(node, body: LoopBody | None) -> LoopPlan:
         """Checkpointed reverse mode, unless the sweep keeps clearly less."""
         length = node.params["length"]
         k = checkpoint_interval(length)
-        if k is None:
-            return LoopPlan(node, MOONWALK, f"{reason}, and its length {length} has no "
-                            "divisor near its square root to checkpoint it by", body)
         stuck = body is None or body.inversion.stuck is not None
         kept, swept = _memory(node, k, stuck)
         if kept > CHECKPOINT_MARGIN * swept:
@@ -160,11 +158,11 @@ def _loop_plan(node, body: LoopBody | None) -> LoopPlan:
 def _memory(node, k: int, stuck: bool) -> tuple[int, int]:
     """Estimated bytes a loop keeps: ``(checkpointed in blocks of k, swept)``, from the
     residuals JAX's vjp of one step keeps (shapes only, under ``jax.eval_shape``).
-    Checkpointed: a carry per block and one block's residuals of the vjp for every
-    input; swept: a carry cotangent every ``AUTO_ANCHOR`` steps (its anchors) and every
-    step's residuals of the vjp for the carry alone (mixed phase 1: parameters held
-    constant, sign masks packed to bits), and with ``stuck`` (no inverse) a fragment
-    of about a carry per step."""
+    Checkpointed: a carry per block, one block's step inputs and one step's residuals of
+    the vjp for every input; swept: a carry cotangent every ``AUTO_ANCHOR`` steps (its
+    anchors) and every step's residuals of the vjp for the carry alone (mixed phase 1:
+    parameters held constant, sign masks packed to bits), and with ``stuck`` (no
+    inverse) a fragment of about a carry per step."""
     p = node.params
     nc, ncar, length = p["num_consts"], p["num_carry"], p["length"]
     body, body_consts = G.flatten(p["jaxpr"])
@@ -189,10 +187,12 @@ def _memory(node, k: int, stuck: bool) -> tuple[int, int]:
         return sum(r.size * (bits / 8 if r.dtype == bool else r.dtype.itemsize) for r in out)
 
     carry = sum(_bytes(a) for a in _carries(node))
-    checkpointed = (length // k) * carry + k * residuals(False)
+    checkpointed = (-(-length // k) + k) * carry + residuals(False)
     # a body with no inverse is one the sweep cannot cross either: a fragment per step
     fragment = carry if stuck else 0
-    swept = length * (residuals(True) + fragment) + (length // AUTO_ANCHOR) * carry
+    anchor = interval(AUTO_ANCHOR, length)  # as phase 1 anchors it: a divisor
+    anchors = length // anchor if anchor else 0
+    swept = length * (residuals(True) + fragment) + anchors * carry
     return int(checkpointed), int(swept)
 
 
