@@ -257,3 +257,28 @@ def test_checkpointed_scan_is_reverse_mode(length, k, reverse, x64):
     np.testing.assert_allclose(g(ws, x, c0), f(ws, x, c0), rtol=1e-13)
     assert_grads_close(jax.grad(g, (0, 1, 2))(ws, x, c0), jax.grad(f, (0, 1, 2))(ws, x, c0),
                        RTOL)
+
+
+def test_checkpointed_loop_with_aux_argnums_and_vmap(x64):
+    apply = lambda params, x: jax.lax.scan(
+        lambda h, p: (leaky_layer(h, p, slope=0.5), None), x, params)[0]
+    loss = classification_loss(apply)
+    params = PARAMS["leaky"](jax.random.key(0), 64, D)
+    x, y = data(jax.random.key(1), BATCH, D)
+    assert moonjax.check(loss, params, x, y).treatment == "checkpointed"
+
+    def with_aux(params, x, y):
+        value = loss(params, x, y)
+        return value, {"twice": 2 * value}
+
+    (value, aux), grads = moonjax.moonwalk_value_and_grad(
+        with_aux, argnums=(0, 1), has_aux=True)(params, x, y)
+    (want_value, want_aux), want = jax.value_and_grad(
+        with_aux, argnums=(0, 1), has_aux=True)(params, x, y)
+    np.testing.assert_allclose(value, want_value, rtol=1e-12)
+    np.testing.assert_allclose(aux["twice"], want_aux["twice"], rtol=1e-12)
+    assert_grads_close(grads, want, RTOL)
+    xs, ys = jnp.stack([x, 2 * x, -x]), jnp.stack([y] * 3)
+    got = jax.jit(jax.vmap(moonjax.moonwalk_grad(loss), in_axes=(None, 0, 0)))(params, xs, ys)
+    assert_grads_close(got, jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, xs, ys),
+                       RTOL)
