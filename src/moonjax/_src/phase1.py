@@ -227,17 +227,10 @@ def _reversible_scan(node, loop: LoopBody, anchor_every):
         D.note_value(meeting, drift)
         if inversion.amplifier is not None:
             D.amplifier(inversion.amplifier.describe())
-        ct_consts = [_ct_zero(c) for c in consts]
-        for i, c in zip(fc, g_consts):
-            ct_consts[i] = c
-        ct_xs = [_ct_zero(x) for x in xs]
-        for i, c in zip(fx, g_xs):
-            ct_xs[i] = c
-        return ct_consts, g_init, ct_xs
+        return _spread(consts, fc, g_consts), g_init, _spread(xs, fx, g_xs)
 
     run.defvjp(fwd, bwd)
-    return lambda args: _flat(run(list(args[:nc]), list(args[nc:nc + ncar]),
-                                  list(args[nc + ncar:])))
+    return _of_inputs(run, nc, ncar)
 
 
 def checkpoint_interval(length: int) -> int:
@@ -340,15 +333,22 @@ def _checkpointed_scan(node, k: int):
         state = (list(g_carry), [jnp.zeros_like(consts[n]) for n in fc],
                  [jnp.zeros_like(xs[n]) for n in fx])
         (g_init, g_consts, g_xs), _ = lax.scan(block, state, jnp.arange(nb), reverse=True)
-        ct_consts = [_ct_zero(c) for c in consts]
-        for n, c in zip(fc, g_consts):
-            ct_consts[n] = c
-        ct_xs = [_ct_zero(x) for x in xs]
-        for n, c in zip(fx, g_xs):
-            ct_xs[n] = c
-        return ct_consts, g_init, ct_xs
+        return _spread(consts, fc, g_consts), g_init, _spread(xs, fx, g_xs)
 
     run.defvjp(fwd, bwd)
+    return _of_inputs(run, nc, ncar)
+
+
+def _spread(vals, positions, cts):
+    """Cotangents of ``vals``: ``cts`` at the float ``positions``, zeros elsewhere."""
+    out = [_ct_zero(v) for v in vals]
+    for i, c in zip(positions, cts):
+        out[i] = c
+    return out
+
+
+def _of_inputs(run, nc: int, ncar: int):
+    """``run(consts, init, xs)`` as a function of a scan node's inputs, flat outputs."""
     return lambda args: _flat(run(list(args[:nc]), list(args[nc:nc + ncar]),
                                   list(args[nc + ncar:])))
 
