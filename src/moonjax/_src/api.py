@@ -372,8 +372,11 @@ def _sweep_needs(graph, stream_pos, run_sweep, fragments: bool, anchor_every):
     auto = anchor_every == "auto"
     zeros = {i: jnp.zeros(graph.invars[i].aval.shape, graph.invars[i].aval.dtype)
              for i in stream_pos}
+    def dry_run():  # for what it finds and reports; its values are not wanted
+        run_sweep(zeros, fragments=collected)
+
     with _reporting(auto) as steps:
-        jax.eval_shape(lambda: run_sweep(zeros, fragments=collected) and None)
+        jax.eval_shape(dry_run)
     if isinstance(anchor_every, int):
         anchors = anchor_plan(graph, stream_pos, anchor_every)
     else:

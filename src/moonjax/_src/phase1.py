@@ -130,6 +130,14 @@ def _ct_zero(x):
     return jnp.zeros_like(x) if is_float(jax.typeof(x)) else _float0_like(x)
 
 
+def step_function(body: G.Graph, body_consts, ncar: int):
+    """One step of a flattened scan body: ``(consts, carry, x) -> (carry, y)``."""
+    def step(consts, carry, x):
+        outs = evaluate(body, [*body_consts, *consts, *carry, *x])
+        return list(outs[:ncar]), list(outs[ncar:])
+    return step
+
+
 def reversible_anchor(inversion: Inversion, anchor_every, length: int) -> int | None:
     """How often reversible backprop stores a loop's carry: ``anchor_every`` (an int, or
     ``None``: never), or for ``"auto"`` every :data:`AUTO_ANCHOR` steps where the inverse
@@ -160,9 +168,7 @@ def _reversible_scan(node, loop: LoopBody, anchor_every):
                         "steps", where(node.source_info),
                         measured="the input rebuilt by inverting every step")
 
-    def step_fn(consts, carry, x):
-        outs = evaluate(body, [*body_consts, *consts, *carry, *x])
-        return list(outs[:ncar]), list(outs[ncar:])
+    step_fn = step_function(body, body_consts, ncar)
 
     @jax.custom_vjp
     def run(consts, init, xs):
@@ -254,9 +260,7 @@ def _checkpointed_scan(node, k: int):
     nb = -(-length // k)
     index = (lambda t: length - 1 - t) if rev else (lambda t: t)  # the t-th step's row
 
-    def step_fn(consts, carry, x):
-        outs = evaluate(body, [*body_consts, *consts, *carry, *x])
-        return list(outs[:ncar]), list(outs[ncar:])
+    step_fn = step_function(body, body_consts, ncar)
 
     def row(arrays, i):
         return [lax.dynamic_index_in_dim(a, i, keepdims=False) for a in arrays]

@@ -46,10 +46,10 @@ from moonjax._src.phase1 import (
     AUTO_ANCHOR,
     LoopBody,
     checkpoint_interval,
-    evaluate,
     interval,
     reversible_anchor,
     reversible_loops,
+    step_function,
 )
 from moonjax._src.sweep import stream_dependence
 
@@ -171,10 +171,10 @@ def _memory(node, k: int, stuck: bool) -> tuple[int, int]:
     shapes = ([sds(a) for a in avals[:nc]], [sds(a) for a in avals[nc:nc + ncar]],
               [jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in avals[nc + ncar:]])
 
+    step = step_function(body, body_consts, ncar)
+
     def residuals(carry_only: bool):
         def f(consts, carry, xs):
-            step = lambda consts, carry, xs: evaluate(body, [*body_consts, *consts, *carry,
-                                                             *xs])
             if carry_only:
                 _, pullback = jax.vjp(lambda c: step(consts, c, xs), carry)
             else:
