@@ -251,7 +251,8 @@ def _checkpointed_scan(node, k: int):
     node's inputs: the forward pass keeps the carry at every block's start; going
     back, each block is run forwards once more from it, keeping its ``k`` step inputs,
     and each step's vjp gives the input, consts and ``xs`` cotangents. Exact (reverse
-    mode) for any body, about one extra forward pass. The last block may be shorter:
+    mode) for any body; each step runs forwards twice more (the block's rebuild and
+    inside its vjp). The last block may be shorter:
     ``xs`` and ``ys`` are read and written in place by step index, never sliced (a
     slice would copy the weights)."""
     p = node.params

@@ -15,7 +15,7 @@ runs) and returns a :class:`Plan` that the gradient (``mode="auto"``, the defaul
   not exist, or that reads the network input outside its carry: reverse mode over blocks
   of about ``sqrt(length)`` steps, the carry stored at each block's start, and going
   back each block run forwards once more for its step inputs, then each step's vjp.
-  Exact for any body, about one extra forward pass. The sweep would anchor such a loop
+  Exact for any body; each step runs forwards twice more. The sweep would anchor such a loop
   every few steps anyway (its cotangent is rebuilt through the same solves and
   divisions), keeping a cotangent per anchor and solving per step: checkpointing runs at
   about half its time, and for long loops keeps less. Both are estimated from the
