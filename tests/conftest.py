@@ -16,6 +16,14 @@ def x64():
     jax.config.update("jax_enable_x64", old)
 
 
+@pytest.fixture
+def x32():
+    """float32 as users run it (the suite turns float64 on globally)."""
+    jax.config.update("jax_enable_x64", False)
+    yield
+    jax.config.update("jax_enable_x64", True)
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False,
                      help="also run tests marked slow (benchmarks)")

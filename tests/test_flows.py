@@ -89,12 +89,54 @@ def test_log_det_carry_without_fragments_keeps_the_structure_error(x64):
         moonjax.moonwalk_grad(loss, mode="mixed", fragments=False)(flow_params(0), data(0))
 
 
-def test_the_default_runs_a_log_det_flow_by_anchored_reversible_backprop(x64):
+@pytest.mark.parametrize("depth,stability", [(8, "drift-checked"), (20, "anchored every 16")])
+def test_the_default_runs_a_log_det_flow_by_anchored_reversible_backprop(x64, depth, stability):
     # its inverse subtracts and divides by the scales: reversible backprop, the carries
-    # (activations and log-det) stored every 4 steps (8 layers: at 4 the loop's input
-    # is the only anchor); nothing recorded per step
+    # (activations and log-det) stored every 16 steps (8 layers: the loop's input is the
+    # only anchor; 20: blocks of 16 and 4); nothing recorded per step
     loss = accumulating_flow(lambda ld, s: ld + s)
-    report = moonjax.check(loss, flow_params(0, depth=8), data(0))
+    report = moonjax.check(loss, flow_params(0, depth=depth), data(0))
     assert report.treatment == "reversible", report.plan
     (scan,) = [g for g in report.groups if g.role == "scan"]
-    assert scan.stability.startswith("anchored every"), scan
+    assert scan.stability == stability, scan
+
+
+@pytest.mark.parametrize("depth,anchor_every,reverse", [
+    (7, 3, False), (7, 3, True), (10, 4, True), (19, "auto", False), (5, 1, False)])
+def test_reversible_backprop_anchored_with_a_shorter_last_block_is_exact(
+        x64, depth, anchor_every, reverse):
+    # k need not divide the depth: the last block is shorter, and the rebuilt carry
+    # is measured against the stored one at every block's start
+    loss = accumulating_flow(lambda ld, s: ld + s, reverse)
+    grad = moonjax.moonwalk_value_and_grad(loss, mode="reversible", anchor_every=anchor_every)
+    for seed in range(2):
+        params, x = flow_params(seed, depth=depth), data(seed)
+        got, drifts, _, tol = grad.drifts(params, x)
+        assert_grads_close(got, jax.grad(loss)(params, x))
+        k = 16 if anchor_every == "auto" else anchor_every
+        (where, drift), = drifts
+        assert f"the carry stored every {k} steps" in where.describe(), where.describe()
+        assert 0 <= drift < 1e-12, drift
+
+
+def test_a_prime_depth_stores_no_more_carries_than_its_neighbour(x32):
+    # blocks of 16 whatever the depth: 31 layers keep what 32 keep, not a carry per layer
+    temps = {}
+    for depth in (31, 32):
+        params = flow_params(0, depth=depth, dim=64)
+        params = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+        x = data(0, batch=128, dim=64).astype(jnp.float32)
+        loss = accumulating_flow(lambda ld, s: ld + s)
+        compiled = jax.jit(moonjax.moonwalk_grad(loss)).lower(params, x).compile()
+        temps[depth] = compiled.memory_analysis().temp_size_in_bytes
+    assert temps[31] <= 1.05 * temps[32], temps
+
+
+def test_a_loss_that_overflows_is_said_to_overflow(x32):
+    # jax.grad's gradient is not finite either; the check says why instead of a drift
+    loss = accumulating_flow(lambda ld, s: ld + s)
+    params = jax.tree.map(lambda a: a.astype(jnp.float32), flow_params(0))
+    x = 1e38 * data(0).astype(jnp.float32)
+    assert not jnp.isfinite(loss(params, x))
+    with pytest.raises(moonjax.DriftError, match="the loss is inf: the forward pass itself"):
+        moonjax.moonwalk_grad(loss)(params, x)

@@ -161,18 +161,10 @@ def test_iresnet_stack_is_exact_by_a_fragment_per_step(scanned):
         moonjax.moonwalk_grad(loss, mode="mixed", fragments=False)(ws, x)
 
 
-@pytest.fixture
-def x32():
-    """float32 as users run it (the suite turns float64 on globally)."""
-    jax.config.update("jax_enable_x64", False)
-    yield
-    jax.config.update("jax_enable_x64", True)
-
-
 def test_flowjax_coupling_flow_memory_is_a_fraction_of_jax_grads(x32):
     """32 Affine layers, dimension 16, nn_width 128, batch 256, float32: the default runs
-    anchored reversible backprop. Measured: 0.48 MiB against jax.grad's 6.60 MiB (0.07x);
-    from 8 to 32 layers it grows by the 6 more carries it anchors (every 4 layers)."""
+    anchored reversible backprop. Measured: 385 KB against jax.grad's 6.92 MB (0.056x);
+    from 8 to 32 layers it grows by 2.2% (one more carry: stored every 16 layers)."""
     eqx = pytest.importorskip("equinox")
     pytest.importorskip("flowjax")
     from flowjax.bijections import Affine
@@ -192,9 +184,8 @@ def test_flowjax_coupling_flow_memory_is_a_fraction_of_jax_grads(x32):
         for name, grad in (("default", moonjax.moonwalk_grad(loss)), ("jax", jax.grad(loss))):
             compiled = jax.jit(grad).lower(params, x).compile()
             temps[name, layers] = compiled.memory_analysis().temp_size_in_bytes
-    carry = 256 * 16 * 4 + 256 * 4  # the activations and the log-determinant
     assert temps["default", 32] <= 0.25 * temps["jax", 32], temps
-    assert temps["default", 32] - temps["default", 8] <= 7 * carry, temps
+    assert temps["default", 32] < 1.1 * temps["default", 8], temps
 
 
 # -- a Flax NNX CNN: conv, ReLU, max-pool, dense ----------------------------------------

@@ -169,7 +169,11 @@ def moonwalk_value_and_grad(
         MLPs, affine couplings, LU dense layers), more often after a known small slope
         ``s`` (every ``k`` with ``(1/s)^k <= 100``) and every 2 at most for 16-bit
         inputs, and leaves volume-preserving ones (additive couplings) alone; ``None``
-        never anchors.
+        never anchors. Reversible backprop (``"reversible"``, and the loops the
+        default runs so) stores the carry instead and restarts the inversion there:
+        ``"auto"`` every 16 steps where the inverse only divides elementwise (affine
+        couplings), every 4 where it solves or for a 16-bit carry, never for additions
+        and moves. ``k`` need not divide the loop's length (the last block is shorter).
       batch_axis: in ``"forward"`` mode, ``0`` declares that the examples along axis 0
         of the network input are independent until the loss reduces over them (no
         batch norm, no attention across the batch). Phase 1 then takes one JVP per
@@ -228,7 +232,9 @@ def moonwalk_value_and_grad(
             fun, has_aux, mode, fragments, static.anchors, debug, static, dynamic, batch_axis)
         hint = D.HINTS.get((mode, treatment), "") + (
             D.HINTS["batch_axis"] if batch_axis is not None else "")
-        return value, D.guard(grads, drifts, amplifiers, static.drift_tol, on_drift, hint)
+        loss = value[0] if has_aux else value
+        return value, D.guard(grads, drifts, amplifiers, static.drift_tol, on_drift, hint,
+                              loss)
 
     compiled = jax.jit(checked, static_argnums=0)
 

@@ -153,10 +153,12 @@ FLOAT64 = 1e-9
 ULPS_16 = 64
 
 
-def guard(result, drifts: list, amplifiers: list, tol: float, on_drift: str, hint: str = ""):
+def guard(result, drifts: list, amplifiers: list, tol: float, on_drift: str, hint: str = "",
+          loss=None):
     """Return ``result`` (a pytree of gradients) if every drift is within ``tol``;
     otherwise raise at run time (``on_drift="raise"``, through a host callback, so it
-    works under ``jax.jit``) or make every gradient NaN (``on_drift="nan"``)."""
+    works under ``jax.jit``) or make every gradient NaN (``on_drift="nan"``). A
+    non-finite ``loss`` (the forward pass overflowed) is said as such."""
     if not drifts:
         return result
     values = lax.stop_gradient(jnp.stack([jnp.asarray(d, jnp.float32) for _, d in drifts]))
@@ -167,15 +169,24 @@ def guard(result, drifts: list, amplifiers: list, tol: float, on_drift: str, hin
             if jnp.issubdtype(g.dtype, jnp.inexact) else g, result)
     meetings = [m for m, _ in drifts]
 
-    def check(vals):
+    def check(vals, loss):
         vals = np.asarray(vals)
         if not (vals <= tol).all():
+            if not np.isfinite(loss):
+                raise FloatingPointError(
+                    f"{DRIFT_MARKER}: the loss is {float(loss)}: the forward pass itself "
+                    "overflowed or divided by zero, so no gradient of it is accurate "
+                    "(jax.grad's would not be finite either). Check the inputs' scale and "
+                    "the initialisation (a deep flow or residual stack at its default "
+                    "init can overflow), or compute in float64.")
             raise FloatingPointError(message(vals.reshape(-1, len(meetings)), meetings,
                                              amplifiers, tol, hint))
 
     # an effect: never pruned, and a raise fails the whole computation, so its results
     # are never seen; the gradients themselves are untouched (no copy, no extra memory)
-    jax.debug.callback(check, values)
+    loss = jnp.zeros((), jnp.float32) if loss is None else lax.stop_gradient(
+        jnp.asarray(loss).astype(jnp.float32))
+    jax.debug.callback(check, values, loss)
     return result
 
 
@@ -207,7 +218,8 @@ HINTS = {
         "the inverse divides or solves the rounding grows layer by layer: use the default "
         "mode (Moonwalk, anchored where needed)."),
     ("auto", "reversible"): (
-        " The default ran reversible backprop (every loop's inverse adds and moves only); "
+        " The default ran reversible backprop (each loop's steps inverted: additions, "
+        "moves, elementwise divisions); anchor_every=4 stores the carry more often, and "
         "mode='mixed' runs Moonwalk's sweep instead."),
     "batch_axis": (" With batch_axis=0 a non-finite drift also means that the examples "
                    "are not independent (phase 1 made the input cotangent NaN): "

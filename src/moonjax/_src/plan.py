@@ -10,7 +10,7 @@ runs) and returns a :class:`Plan` that the gradient (``mode="auto"``, the defaul
   inverting each step and taking its vjp, is exact, stable and the cheapest schedule:
   one carry kept per loop, no sweep afterwards. Where the inverse also divides
   elementwise by known values (an affine coupling's scale), the carry is stored every
-  :data:`~moonjax._src.phase1.AUTO_ANCHOR` steps and the inversion restarts there.
+  :data:`~moonjax._src.phase1.REVERSIBLE_ANCHOR` steps and the inversion restarts there.
 * ``checkpointed`` — a loop whose inverse solves with a weight, takes Newton steps, does
   not exist, or that reads the network input outside its carry: reverse mode over blocks
   of about ``sqrt(length)`` steps, the carry stored at each block's start, and going
@@ -149,7 +149,7 @@ def _loop_plan(node, body: LoopBody | None) -> LoopPlan:
     if inversion.amplifier is None:
         return LoopPlan(node, REVERSIBLE, "its inverse adds and moves only", body)
     if inversion.divides_only:
-        k = reversible_anchor(inversion, "auto", node.params["length"])
+        k = reversible_anchor(body, "auto", node.params["length"])
         return LoopPlan(node, REVERSIBLE, f"its inverse {inversion.amplifier.describe()}"
                         + (f": anchored every {k} steps" if k else ""), body, k)
     return checkpointed(f"its inverse {inversion.amplifier.describe()}")
