@@ -203,8 +203,10 @@ def test_relu_net_without_fragments_fails_at_the_relu_line():
     assert text.startswith("moonjax check: FAILED") and "NotSubmersiveError" in text
 
 
-def test_relu_net_fails_in_forward_mode_without_fragments():
+def test_relu_net_in_forward_mode_records_fragments_or_fails_without():
     r = check(relu_loss, RELU_W, RELU_X, mode="forward")
+    assert r.ok and not r.submersive and r.rules["max"] == ("fragment",), r
+    r = check(relu_loss, RELU_W, RELU_X, mode="forward", fragments=False)
     assert not r.ok and isinstance(r.error, moonjax.NotSubmersiveError)
 
 
@@ -358,9 +360,13 @@ def test_cli_strict_fails_on_fragments(capsys):
 
 
 def test_cli_json(capsys):
-    code, out, _ = _cli(capsys, "check_targets:relu_net", "--json", "--mode", "forward")
+    code, out, _ = _cli(capsys, "check_targets:relu_net", "--json", "--mode", "forward",
+                        "--no-fragments")
     d = json.loads(out)
     assert code == 1 and d["ok"] is False and d["mode"] == "forward"
+    code, out, _ = _cli(capsys, "check_targets:relu_net", "--json", "--mode", "forward")
+    d = json.loads(out)
+    assert code == 0 and d["ok"] is True and d["submersive"] is False
 
 
 def test_cli_loss_that_fails_to_trace_exits_1_with_its_error(capsys):

@@ -58,7 +58,8 @@ def test_unsupported_primitive_in_a_scan_body_names_it_and_the_body_line(mode):
 
 def test_reversible_mode_cannot_invert_an_unsupported_primitive():
     with pytest.raises(moonjax.MoonjaxError) as e:
-        moonjax.moonwalk_grad(_scan_loss(_sort_layer), mode="reversible")(WS, X)
+        moonjax.moonwalk_grad(_scan_loss(_sort_layer), mode="reversible",
+                              fragments=False)(WS, X)
     msg = _points_at(e, _sort_layer, "marker: sort layer")
     assert "sort" in msg
 
@@ -109,9 +110,10 @@ def _relu_layer(h, w):
 
 @pytest.mark.parametrize("mode", ["reversible", "forward"])
 def test_relu_in_a_scan_body_is_not_submersive_in_modes_without_fragments(mode):
-    # only mixed mode can store fragments: the other modes refuse a ReLU spine outright
+    # without fragments (or, in reversible mode, the checkpointed fallback) the other
+    # modes refuse a ReLU spine at its line
     with pytest.raises(moonjax.NotSubmersiveError) as e:
-        moonjax.moonwalk_grad(_scan_loss(_relu_layer), mode=mode)(WS, X)
+        moonjax.moonwalk_grad(_scan_loss(_relu_layer), mode=mode, fragments=False)(WS, X)
     msg = _points_at(e, _relu_layer, "marker: relu layer")
     assert "`max`" in msg and "not submersive" in msg and "fragments" in msg
 
@@ -246,7 +248,7 @@ def test_a_value_entering_one_operation_twice_is_named():
 
 def test_reversible_mode_cannot_rebuild_a_residual_block():
     with pytest.raises(moonjax.NotSubmersiveError) as e:
-        moonjax.moonwalk_grad(_scan_loss(_residual), mode="reversible")(WS, X)
+        moonjax.moonwalk_grad(_scan_loss(_residual), mode="reversible", fragments=False)(WS, X)
     assert "reversible mode cannot rebuild" in _points_at(e, _residual, "marker: residual")
 
 

@@ -83,11 +83,33 @@ def test_fragments_inside_a_scan():
     assert rel_err(moonjax.moonwalk_grad(loss)(ws, x, y), jax.grad(loss)(ws, x, y)) <= TOL
 
 
-def test_forward_does_not_take_fragments():
-    loss, params = _relu_mlp((4, 4, 4), 0)
-    x = jnp.ones((2, 4))
+@pytest.mark.parametrize("widths", [(4, 4, 4), (3, 7, 5, 2)])
+def test_forward_records_fragments_by_jvps(widths):
+    # the ReLU's (and the expanding layer's) output cotangent: one JVP per entry of
+    # the fragment, as the input's; fragments=False keeps the error
+    for seed in range(2):
+        loss, params = _relu_mlp(widths, seed)
+        x = jax.random.normal(jax.random.PRNGKey(10 + seed), (3, widths[0]))
+        y = jax.random.normal(jax.random.PRNGKey(20 + seed), (3, widths[-1]))
+        got = moonjax.moonwalk_grad(loss, mode="forward")(params, x, y)
+        assert rel_err(got, jax.grad(loss)(params, x, y)) <= TOL
     with pytest.raises(moonjax.NotSubmersiveError):
-        moonjax.moonwalk_grad(loss, mode="forward")(params, x, x)
+        moonjax.moonwalk_grad(loss, mode="forward", fragments=False)(params, x, y)
+
+
+def test_forward_records_fragments_inside_a_scan_with_aux():
+    ws = jax.random.normal(jax.random.PRNGKey(4), (5, 4, 4)) / 2
+    x, y = data(jax.random.PRNGKey(5), 3, 4)
+
+    def loss(ws, x, y):
+        h = jax.lax.scan(lambda h, w: (jax.nn.relu(h @ w), None), x, ws)[0]
+        return jnp.mean((h - y) ** 2), jnp.max(h)
+
+    (value, aux), got = moonjax.moonwalk_value_and_grad(loss, has_aux=True, mode="forward")(
+        ws, x, y)
+    (value_, aux_), want = jax.value_and_grad(loss, has_aux=True)(ws, x, y)
+    assert rel_err(got, want) <= TOL
+    assert np.allclose(value, value_) and np.allclose(aux, aux_)
 
 
 def _scanned(body):
@@ -98,15 +120,25 @@ def test_reversible_names_a_loop_body_without_inverse():
     loss = _scanned(lambda h, w: jnp.sort(h @ w, -1))
     ws = jnp.stack([jnp.eye(4)] * 3)
     with pytest.raises(moonjax.NotSubmersiveError, match="test_modes.py"):
-        moonjax.moonwalk_grad(loss, mode="reversible")(ws, jnp.ones((2, 4)))
+        moonjax.moonwalk_grad(loss, mode="reversible", fragments=False)(ws, jnp.ones((2, 4)))
 
 
-def test_reversible_through_a_lossy_body_is_refused():
-    # relu forgets the negative entries: no inverse (not strictly monotone)
-    loss = _scanned(lambda h, w: jax.nn.relu(h @ w))
-    ws = jnp.stack([jnp.eye(4)] * 3)
-    with pytest.raises(moonjax.NotSubmersiveError, match="not invertible"):
-        moonjax.moonwalk_grad(loss, mode="reversible")(ws, jnp.ones((2, 4)))
+@pytest.mark.parametrize("body", [lambda h, w: jax.nn.relu(h @ w),
+                                  lambda h, w: jnp.sort(h @ w, -1)], ids=["relu", "sort"])
+def test_reversible_checkpoints_a_loop_without_inverse(body, x64):
+    # relu forgets the negative entries (no inverse): with fragments (the default) the
+    # loop is checkpointed reverse mode, exact; fragments=False refuses it
+    loss = _scanned(body)
+    for seed, depth in [(0, 3), (1, 7)]:
+        ws = jax.random.normal(jax.random.key(seed), (depth, 4, 4), jnp.float64) / 2
+        x = jax.random.normal(jax.random.key(seed + 1), (2, 4), jnp.float64)
+        got = moonjax.moonwalk_grad(loss, mode="reversible")(ws, x)
+        assert rel_err(got, jax.grad(loss)(ws, x)) <= 1e-12
+    report = moonjax.check(loss, ws, x, mode="reversible")
+    (scan,) = [g for g in report.groups if g.role == "scan"]
+    assert scan.treatment.startswith("checkpointed reverse mode, the carry kept every 3"), scan
+    with pytest.raises(moonjax.NotSubmersiveError, match="leave fragments=True"):
+        moonjax.moonwalk_grad(loss, mode="reversible", fragments=False)(ws, x)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -30,9 +30,9 @@ from moonjax._src.phase1 import (
     forward_batched,
     mixed_with_probes,
 )
-from moonjax._src.phase1 import MODES as PHASE1
+from moonjax._src.phase1 import forward as phase1_forward
 from moonjax._src.phase1 import reversible as reversible_backprop
-from moonjax._src.plan import CHECKPOINTED, REVERSIBLE, RUNS, analyse
+from moonjax._src.plan import CHECKPOINTED, REVERSIBLE, RUNS, analyse, fallbacks
 from moonjax._src.rules import VijpRule
 from moonjax._src.sweep import REPORT, SHIFTS, Collect, sweep
 
@@ -157,10 +157,13 @@ def moonwalk_value_and_grad(
         input is checked against the true one like a drift. ``"forward"``: one JVP
         per entry of the input, storing nothing (time grows with the input size),
         then the sweep.
-      fragments: in ``"mixed"`` mode, let phase 1 record the exact output cotangent of
-        each spine step that is not submersive (ReLU, an expanding dense layer, a
-        primitive without a vijp rule) so the sweep can cross it: memory grows with
-        the non-submersive part of the network only. ``False`` raises instead.
+      fragments: let phase 1 record the exact output cotangent of each spine step that
+        is not submersive (ReLU, an expanding dense layer, a primitive without a vijp
+        rule) so the sweep can cross it: memory grows with the non-submersive part of
+        the network only. ``"mixed"`` records them in its reverse pass, ``"forward"``
+        by one more JVP per entry of each; ``"reversible"`` checkpoints instead the
+        loops it cannot invert (reverse mode over blocks of about ``sqrt(length)``
+        steps, exact). ``False`` raises instead, naming the step.
       anchor_every: in ``"mixed"`` mode, let phase 1 record the exact carry cotangent
         every ``k`` steps of each ``lax.scan`` over layers and restart the sweep there,
         bounding the growth of rounding error to ``k`` layers at the cost of
@@ -460,28 +463,25 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
         treatment = RUNS[program.treatment]
         inverted = {lp.node.index: lp.body for lp in program.loops
                     if lp.treatment == REVERSIBLE}
-    if treatment != "mixed":
+    if treatment in ("reversible", "checkpointed"):  # every cotangent at once
         graph_aux, invals_aux, pos_aux, unpack = traced(True) if has_aux else (
             graph, invals, pos, lambda outs: (outs[0], None))
         stream_at = [pos_aux[j] for j in static.stream]
-        if treatment in ("reversible", "checkpointed"):  # every cotangent at once
-            checkpointed = {}
-            if treatment == "checkpointed":  # the plan's loops, in the traced program
-                loops = analyse(graph_aux, stream_at).loops if has_aux else program.loops
-                checkpointed = {lp.node.index: lp.anchor_every for lp in loops
-                                if lp.treatment == CHECKPOINTED}
-            wanted = list(dict.fromkeys(static.stream + static.params))
-            with D.measuring() as measured:
-                outs, cts = reversible_backprop(graph_aux, invals_aux, stream_at,
-                                                [pos_aux[j] for j in wanted], anchor_every,
-                                                checkpointed)
-            loss, aux = unpack(outs)
-            value = (loss, aux) if has_aux else loss
-            return value, _grads(static, flat, dict(zip(wanted, cts))), measured, treatment
-        phase1_of = PHASE1[mode] if batch_axis is None else functools.partial(
-            forward_batched, debug=debug)
-        outs, g_stream = phase1_of(graph_aux, invals_aux, stream_at)
+        checkpointed = {}
+        if treatment == "checkpointed" or fragments:  # the plan's loops, as traced here
+            loops = (analyse(graph_aux, stream_at).loops if has_aux or mode != "auto"
+                     else program.loops)
+            checkpointed = {lp.node.index: lp.anchor_every for lp in loops
+                            if lp.treatment == CHECKPOINTED} if mode == "auto" else (
+                fallbacks(loops))  # forced: only the loops without an inverse
+        wanted = list(dict.fromkeys(static.stream + static.params))
+        with D.measuring() as measured:
+            outs, cts = reversible_backprop(graph_aux, invals_aux, stream_at,
+                                            [pos_aux[j] for j in wanted], anchor_every,
+                                            checkpointed)
         loss, aux = unpack(outs)
+        value = (loss, aux) if has_aux else loss
+        return value, _grads(static, flat, dict(zip(wanted, cts))), measured, treatment
 
     # Phase 2: the sweep, on the program of the loss alone.
     stream_mask = [False] * len(invals)
@@ -493,7 +493,18 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
     run_sweep = functools.partial(sweep, graph, invals, stream_mask, head=True,
                                   params=params_mask, debug=debug)
     recorded = None
-    if treatment == "mixed":
+    if treatment == "forward" and batch_axis is not None:
+        graph_aux, invals_aux, pos_aux, unpack = traced(True) if has_aux else (
+            graph, invals, pos, lambda outs: (outs[0], None))
+        outs, g_stream = forward_batched(graph_aux, invals_aux,
+                                         [pos_aux[j] for j in static.stream], debug=debug)
+        loss, aux = unpack(outs)
+    elif treatment == "forward":  # JVPs for the stream and the fragments
+        collected = _sweep_needs(graph, stream_pos, run_sweep, fragments, None)[0]
+        outs, g_stream, recorded = phase1_forward(graph, invals, stream_pos, collected)
+        loss = outs[0]
+        aux = call(flat)[1] if has_aux else None
+    else:
         collected, anchors = _sweep_needs(graph, stream_pos, run_sweep, fragments,
                                           anchor_every)
         if has_aux and not (collected or anchors or inverted):
@@ -515,15 +526,14 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
             aux = call(flat)[1] if has_aux else None
     known = {pos[j]: g for j, g in zip(static.stream, g_stream)}
     with D.measuring() as measured:
-        if treatment == "forward":
+        if batch_axis is not None:
             try:
                 _, _, in_cts = run_sweep(known)
             except (NotSubmersiveError, UnsupportedPrimitiveError, SpineStructureError) as e:
                 if not fragments:
                     raise
-                raise type(e)(f"{e}\n  note: mode='forward' records no fragments; the "
-                              "default mode (Moonwalk, mixed phase 1) records what this "
-                              "layer erases") from None
+                raise type(e)(f"{e}\n  note: batch_axis=0 records no fragments; without it "
+                              "mode='forward' records what this layer erases") from None
         else:
             _, _, in_cts = run_sweep(known, fragments=recorded)
     cts = {j: in_cts[pos[j]] for j in static.params}

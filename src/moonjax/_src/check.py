@@ -610,7 +610,7 @@ def _analyse(loss, layout: _Layout, has_aux: bool, mode: str, fragments: bool):
         try:
             run_sweep(dyn, None)
         except (NotSubmersiveError, UnsupportedPrimitiveError, SpineStructureError) as e:
-            if mode != "mixed" or not fragments:
+            if not fragments:  # mixed and forward phase 1 record fragments alike
                 raise
             result["fragment_error"] = e
             run_sweep(dyn, S.Collect())
@@ -697,7 +697,7 @@ def check(
             notes.append(f"the analysis trace stopped early ({analysis_error!r}); the "
                          "table may be incomplete")
     groups = _with_treatments(_with_stability(_groups(steps), treatment, anchor_every),
-                              plan, mode, treatment, anchor_every)
+                              plan, mode, treatment, anchor_every, fragments)
     if treatment in _NO_SWEEP:
         groups = _without_fragments(groups)
     total = sum(g.fragment_bytes for g in groups)
@@ -758,7 +758,7 @@ def _exact(groups):
 
 
 def _with_treatments(groups, plan: P.Plan | None, mode: str, treatment: str,
-                     anchor_every):
+                     anchor_every, fragments: bool = True):
     """The scan groups with the plan's treatment of their loop."""
     if plan is None:
         return groups
@@ -768,9 +768,13 @@ def _with_treatments(groups, plan: P.Plan | None, mode: str, treatment: str,
         lp = next(loops, None) if g.role == "scan" else None
         if lp is not None and _line_key(lp.where) != g.location:  # pragma: no cover
             lp = None
-        if lp is not None and treatment == "checkpointed" and lp.treatment == P.CHECKPOINTED:
+        held = None if lp is None else (
+            lp.anchor_every if treatment == "checkpointed" and lp.treatment == P.CHECKPOINTED
+            else P.fallbacks([lp]).get(lp.node.index) if mode == "reversible" and fragments
+            else None)  # forced reversible mode checkpoints the loops it cannot invert
+        if held is not None:
             g = dataclasses.replace(g, treatment=f"checkpointed reverse mode, the carry kept "
-                                    f"every {lp.anchor_every} steps, each block recomputed "
+                                    f"every {held} steps, each block recomputed "
                                     f"once ({lp.reason})", stability="exact",
                                     groups=_exact(g.groups))
         elif lp is not None and treatment in _NO_SWEEP and lp.body is None:

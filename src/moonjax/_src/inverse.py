@@ -294,8 +294,9 @@ def invert(graph: G.Graph, known: dict, targets: list, inversion: Inversion | No
             "reversible mode cannot rebuild this layer's input from its output: "
             f"`{inversion.stuck.primitive.name}` is not invertible here (not submersive, "
             "or no inverse rule)",
-            "use the default mode (Moonwalk: with fragments=True phase 1 records what the "
-            "layer erases), or build the layer from invertible moonjax.nn modules")
+            "leave fragments=True (the default: such a loop is checkpointed, reverse mode "
+            "over blocks of its steps, exact), or build the layer from invertible "
+            "moonjax.nn modules")
     val = dict(known)
     read = lambda a: a.val if isinstance(a, G.Lit) else val[id(a)]
     for move in inversion.moves:

@@ -398,29 +398,37 @@ def _flat(pair):
     return [*carry, *ys]
 
 
-def forward(graph, invals, stream_pos):
-    """``(outvals, g_stream)`` by one JVP per stream entry (no residuals at all)."""
-    stream_vals = [invals[i] for i in stream_pos]
+def forward(graph, invals, stream_pos, collected=None):
+    """``(outvals, g_stream, recorded)`` by one JVP per entry of the stream and of the
+    fragments ``collected`` (the spine steps the sweep cannot cross, as
+    :func:`mixed_with_probes` takes them): no residuals at all. A zero is added at
+    each fragment and its cotangent, the record, comes from the JVPs as the stream's
+    does (``recorded`` is ``None`` without fragments)."""
+    probes = _probes(graph, collected) if collected else {}
 
-    def f(*vals_):
+    def f(stream_vals, probe_vals):
         vals = list(invals)
-        for i, s in zip(stream_pos, vals_):
+        for i, s in zip(stream_pos, stream_vals):
             vals[i] = s
-        return evaluate(graph, vals)
+        return _evaluate_probed(graph, vals, probe_vals, packed=False)
 
-    outs = f(*stream_vals)
+    primals = ([invals[i] for i in stream_pos], probes)
+    outs = f(*primals)
+    leaves, tree = jax.tree_util.tree_flatten(primals)
     grads = []
-    for k, s in enumerate(stream_vals):
-        size = math.prod(np.shape(s))
+    for k, leaf in enumerate(leaves):
+        size = math.prod(np.shape(leaf))
 
-        def directional(j, k=k, s=s, size=size):
-            tangents = [jnp.zeros_like(t) for t in stream_vals]
-            tangents[k] = jax.nn.one_hot(j, size, dtype=jnp.result_type(s)).reshape(
-                np.shape(s))
-            return jax.jvp(lambda *v: f(*v)[0], stream_vals, tangents)[1]
+        def directional(j, k=k, leaf=leaf, size=size):
+            tangents = [jnp.zeros_like(t) for t in leaves]
+            tangents[k] = jax.nn.one_hot(j, size, dtype=jnp.result_type(leaf)).reshape(
+                np.shape(leaf))
+            return jax.jvp(lambda *v: f(*jax.tree_util.tree_unflatten(tree, v))[0],
+                           leaves, tangents)[1]
 
-        grads.append(lax.map(directional, jnp.arange(size)).reshape(np.shape(s)))
-    return outs, grads
+        grads.append(lax.map(directional, jnp.arange(size)).reshape(np.shape(leaf)))
+    g_stream, recorded = jax.tree_util.tree_unflatten(tree, grads)
+    return outs, g_stream, recorded if collected else None
 
 
 def forward_batched(graph, invals, stream_pos, debug=False):
@@ -539,9 +547,6 @@ def forward_batched(graph, invals, stream_pos, debug=False):
     return outs, grads
 
 
-MODES = {"forward": forward}
-
-
 def _probes(graph: G.Graph, collected, leading=(), anchors=None):
     """Zeros shaped like the fragments ``collected`` (stacked over enclosing loops),
     and, for the loops in ``anchors`` (``node.index -> (k, carry positions)``), one
@@ -569,13 +574,14 @@ def _probes(graph: G.Graph, collected, leading=(), anchors=None):
     return probes
 
 
-def _evaluate_probed(graph, invals, probes, anchors=None, inverted=None):
+def _evaluate_probed(graph, invals, probes, anchors=None, inverted=None, packed=True):
     """Evaluate ``graph`` for mixed phase 1: probes added where records are taken,
     ``select_n`` masks kept bit-packed (:mod:`moonjax._src.masks`), and every loop
     evaluated step by step so that its body gets the same treatment. The loops in
     ``inverted`` (``node.index -> LoopBody``) that record nothing are run by inversion
     instead (:func:`_reversible_scan`, anchored as ``"auto"`` says): their phase 1
-    keeps one carry."""
+    keeps one carry. ``packed=False`` (forward mode: JVPs, which a ``custom_vjp``
+    does not take) keeps ``select_n`` as it is."""
 
     def bind(node, args):
         entry = probes.get(node.index)
@@ -583,7 +589,7 @@ def _evaluate_probed(graph, invals, probes, anchors=None, inverted=None):
             return _reversible_scan(node, inverted[node.index], "auto")(args)
         if node.primitive is lax.scan_p:
             return loop(node, args, entry or {})
-        if node.primitive is lax.select_n_p and len(args) == 3 and masks.packable(
+        if packed and node.primitive is lax.select_n_p and len(args) == 3 and masks.packable(
                 node.inputs[0].aval, [a.aval for a in node.inputs[1:]]):
             outs = [masks.select(*args)]
         elif entry is None:
@@ -600,7 +606,8 @@ def _evaluate_probed(graph, invals, probes, anchors=None, inverted=None):
 
         def step(carry, inputs):
             x, pr = inputs
-            outs = _evaluate_probed(body, [*body_consts, *args[:nc], *carry, *x], pr)
+            outs = _evaluate_probed(body, [*body_consts, *args[:nc], *carry, *x], pr,
+                                    packed=packed)
             return outs[:ncar], outs[ncar:]
 
         init, xs = list(args[nc:nc + ncar]), list(args[nc + ncar:])
