@@ -115,6 +115,19 @@ def test_distrax_realnvp_nll_matches_jax_grad(kind):
                            jax.grad(loss)(params, x))
 
 
+def test_distrax_masked_coupling_records_what_a_split_coupling_does():
+    # the mask partitions the activations as the split does: phase 1 records the
+    # log-determinant's per-example sums and the loss head, no activation per layer
+    recorded = {}
+    for kind in ("masked", "split"):
+        f, loss = distrax_nll(kind, layers=5)
+        x = data(0)
+        report = moonjax.check(loss, f.init(jax.random.PRNGKey(0), x), x)
+        assert report.ok, report
+        recorded[kind] = report.fragment_bytes
+    assert recorded["masked"] <= recorded["split"], recorded
+
+
 def test_distrax_log_det_outside_the_spine_without_fragments_is_the_structure_error():
     f, loss = distrax_nll("split")
     x = data(0)

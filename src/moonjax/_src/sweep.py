@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import functools
 from collections import deque
 
 import jax
@@ -211,6 +212,7 @@ class _Sweep:
         self.side_records: set[int] = set()  # recorded side outputs (not swept onwards)
         self.escape_tier: dict[int, int] = {}  # value id -> escape records taken for it
         self.stalled: list = []  # values to retry when nothing else is left to do
+        self.merges: dict[int, tuple] = {}  # value id -> (merge node, its entries, g_T)
         if params is None:
             params = [is_float(v.aval) for v in graph.invars]
         self.param_dep = {id(v) for v, p, s in zip(graph.invars, params, stream) if p and not s}
@@ -460,7 +462,10 @@ class _Sweep:
             return
         if any(id(n) not in self.evaluated for n in nodes):
             return  # wait until every use has been evaluated
-        if all(n.primitive in elementwise_rules for n in nodes):
+        masked = self._mask_partition(v, nodes)
+        if masked is not None:
+            done = masked
+        elif all(n.primitive in elementwise_rules for n in nodes):
             done = self._region(v, nodes)
         elif all(n.primitive is lax.slice_p for n in nodes):
             done = self._slices(v, nodes)
@@ -532,7 +537,7 @@ class _Sweep:
             stack.extend(u for o in m.outputs for u, _ in o.uses)
         return False
 
-    def _record_escapes(self, v, nodes) -> bool:
+    def _record_escapes(self, v, nodes, shrink: bool = False) -> bool:
         """The fallback for a step with no rule (a residual ``h + f(h)``, a masked
         autoregressive transformer, a side output such as a log-determinant that reaches
         the loss outside the spine): take phase 1's record of the cotangents of the
@@ -541,6 +546,10 @@ class _Sweep:
         First the values reached through some of ``v``'s uses but not all (side outputs:
         checked when their uses are, not swept onwards); if that is not enough, the
         step's outputs (reached through all of them: swept onwards from the record).
+        With ``shrink``, a side output as large as ``v`` that elementwise steps or
+        reductions read next is not recorded yet: ``v`` is retried once they have been
+        evaluated, so that the record is what they reduce it to (a masked coupling's
+        log-determinant, summed after its mask).
         Returns whether records were taken (the caller retries ``v`` as they resolve)."""
         if self.fragments is None or not self.head or not self._layers_ahead(v):
             # in a loop body, waiting is local to one layer: its outputs' records (at
@@ -567,6 +576,14 @@ class _Sweep:
         chosen = side if tier == 0 and side else step if tier < 2 else []
         if not chosen:
             return False
+        if shrink and chosen is side:
+            later = [u for o in side if o.aval.size >= v.aval.size for u, _ in o.uses
+                     if id(u) not in self.evaluated]
+            if later and all(u.primitive in elementwise_rules
+                             or u.primitive.name.startswith("reduce_") for u in later):
+                for u in later:
+                    self.wake.setdefault(id(u), []).append(v)
+                return False
         self.escape_tier[id(v)] = 1 if chosen is side else 2
         taken = False
         for producer in {id(o.producer): o.producer for o in chosen}.values():
@@ -684,6 +701,141 @@ class _Sweep:
             self._resolve(node, None)
             self.set_known(node.outputs[0], lax.slice_in_dim(g, start, stop, axis=axis))
         return True
+
+    # -- masks as partitions ------------------------------------------------------------
+
+    def _mask_partition(self, v, nodes):
+        """A masked coupling: ``y = where(m, v, T(v; c))`` with ``T`` elementwise in ``v``
+        and its conditioner ``c`` reading ``v`` through masked copies ``where(m, v, 0)``
+        only, for masks ``m`` that do not depend on the network input. The mask
+        partitions ``v`` as a split does: where ``y`` takes ``T``, ``v``'s cotangent comes
+        from ``T`` alone (``g_T = g_v / T'``), and once that has been pulled back through
+        the conditioner to the masked copies, where ``y`` takes ``v`` its cotangent is
+        what is left of ``g_v``. Returns ``None`` where the pattern does not apply (the
+        other rules take ``v``), else whether ``v`` was crossed. That every masked copy
+        reads ``v`` only where ``y`` takes ``v`` is checked at run time: the cotangent is
+        NaN otherwise (the drift check then refuses the gradient)."""
+        if id(v) in self.merges:  # the second half, once the masked copies resolved
+            merge, takes_v, g_t = self.merges[id(v)]
+            if [id(n) for n in nodes] != [id(merge)]:
+                # the conditioner's side outputs (a log-determinant) may need records
+                self._record_escapes(v, nodes, shrink=True)
+                return False
+            g_y = jnp.where(takes_v, self.residual(v), g_t)
+            self._resolve(merge, None)
+            _report("spine", [merge], "mask partition")
+            self.set_known(merge.outputs[0], g_y)
+            del self.merges[id(v)]
+            return True
+        found = self._masked_coupling(v, nodes)
+        if found is None:
+            return None
+        merge, slot, t, order, copies = found
+        takes_v = self.read(merge.inputs[0]) == (slot - 1)
+        ok = jnp.all(functools.reduce(jnp.logical_and, [
+            jnp.where(self.read(n.inputs[0]) == (k - 1), takes_v, True)
+            for n, k in copies]))
+        inside = {id(v), *(id(o) for n in order for o in n.outputs)}
+
+        def backprop(g_t):
+            local = {id(t): g_t}
+            outside = {}
+            for n in reversed(order):
+                cts = [local.get(id(o)) for o in n.outputs]
+                if all(c is None for c in cts):
+                    continue
+                ins = self.pullbacks[id(n)](tuple(_down(c, o.aval)
+                                                  for o, c in zip(n.outputs, cts)))
+                for a, c in zip(n.inputs, ins):
+                    if isinstance(a, G.Value) and is_float(a.aval):
+                        target = local if id(a) in inside else outside
+                        target[id(a)] = _add(target.get(id(a)), c)
+            return local.get(id(v)), outside
+
+        if ct_dtype(v.aval.dtype) != v.aval.dtype:  # 16-bit: T' in float32
+            dphi = self._derivative(v, t, order)
+        else:
+            dphi, _ = backprop(jnp.ones(t.aval.shape, t.aval.dtype))
+        g = self.residual(v)
+        g_t = jnp.where(takes_v, jnp.zeros_like(g), g / jnp.where(takes_v, 1, dphi))
+        g_t = jnp.where(ok, g_t, jnp.asarray(jnp.nan, g_t.dtype))
+        self._check_finite(order[-1], g_t)
+        if any(n.primitive.name not in SHIFTS for n in order):
+            D.amplifier(f"divides by the derivative of "
+                        f"{'/'.join(dict.fromkeys(n.primitive.name for n in order))} at "
+                        f"{where(order[0].source_info)}")
+        g_v, outside = backprop(g_t)
+        self.contribute(v, g_v)
+        values = {id(a): a for n in order for a in n.inputs if isinstance(a, G.Value)}
+        for k, c in outside.items():
+            self.contribute(values[k], c)
+        for n in order:
+            for o in n.outputs:
+                if id(o) not in self.ct:
+                    self.ct[id(o)] = None  # internal to T: nothing to sweep
+                    self.consumed.add(id(o))
+            self._resolve(n, None)
+        self.ct[id(t)] = _up(g_t)  # T's share of the merge's cotangent: final
+        self.consumed.add(id(t))
+        _report("region", order, "masked elementwise region g / T'(x)")
+        self.merges[id(v)] = (merge, takes_v, g_t)
+        return False  # v is crossed once the masked copies have resolved
+
+    def _masked_coupling(self, v, nodes):
+        """``(merge, v's case, T, T's nodes in order, [(masked copy, v's case)])`` if
+        ``v``'s uses form a masked coupling (see :meth:`_mask_partition`), else None."""
+        def select(n):  # a two-way select_n by a mask that is no function of the input
+            return (n.primitive is lax.select_n_p and len(n.inputs) == 3
+                    and not self.is_dep(n.inputs[0])
+                    and n.inputs[0].aval.shape == v.aval.shape)
+
+        copies, merges = [], []
+        for n in nodes:
+            if not select(n):
+                continue
+            slots = [k for k in (1, 2) if n.inputs[k] is v]
+            if len(slots) != 1:
+                return None
+            other = n.inputs[3 - slots[0]]
+            (copies if not self.is_dep(other) else merges).append((n, slots[0]))
+        if len(merges) != 1 or not copies:
+            return None
+        (merge, slot), = merges
+        t = merge.inputs[3 - slot]
+        if t.producer is None or id(t.producer) not in self.evaluated:
+            return None
+        # T's nodes: forwards from v's other uses through elementwise steps, up to t
+        masks = {id(n) for n, _ in [*copies, *merges]}
+        order, stack, seen = [], [n for n in nodes if id(n) not in masks], set()
+        while stack:
+            n = stack.pop()
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            if n.primitive not in elementwise_rules or id(n) not in self.evaluated \
+                    or len(n.outputs) != 1 or n.outputs[0].aval.shape != v.aval.shape:
+                return None
+            order.append(n)
+            if n.outputs[0] is not t:
+                stack.extend(u for u, _ in n.outputs[0].uses)
+        order.sort(key=lambda n: n.index)
+        ids = {id(n) for n in order}
+        if id(t.producer) not in ids:
+            return None
+        for n in order:  # T's values feed T or the merge (as T) only
+            for o in n.outputs:
+                if any(id(u) not in ids and not (u is merge and o is t) for u, _ in o.uses):
+                    return None
+            flags = [isinstance(a, G.Value) and (a is v or a.producer is not None
+                                                 and id(a.producer) in ids)
+                     for a in n.inputs]
+            if elementwise_rules[n.primitive](n, flags) is not None:
+                return None  # T' may vanish: not this rule
+        expected = {id(merge), *(id(n) for n, _ in copies),
+                    *(id(n) for n in order if any(a is v for a in n.inputs))}
+        if {id(n) for n in nodes} != expected:
+            return None
+        return merge, slot, t, order, copies
 
     def _region(self, v, nodes):
         """Cross a connected region of elementwise primitives with input ``v``."""
