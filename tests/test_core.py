@@ -28,8 +28,10 @@ def _case(kind, depth, seed, d=8, batch=5, style="scanned"):
     return classification_loss(apply), params, x, y
 
 
-@pytest.mark.parametrize("style", ["unrolled", "scanned"])
-@pytest.mark.parametrize("depth", [1, 2, 7, 64])
+@pytest.mark.parametrize("depth,style", [
+    *[(d, s) for d in (1, 2, 7) for s in ("unrolled", "scanned")], (64, "scanned"),
+    # 64 unrolled layers take the sweep ~45 s to trace: with the benchmarks
+    pytest.param(64, "unrolled", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("kind", ["additive", "affine"])
 def test_coupling_sweep_matches_backprop_float64(kind, depth, style):
     # deep unrolled programs are slow to compile: one seed there, two elsewhere

@@ -761,9 +761,7 @@ class _Sweep:
         g_t = jnp.where(ok, g_t, jnp.asarray(jnp.nan, g_t.dtype))
         self._check_finite(order[-1], g_t)
         if any(n.primitive.name not in SHIFTS for n in order):
-            D.amplifier(f"divides by the derivative of "
-                        f"{'/'.join(dict.fromkeys(n.primitive.name for n in order))} at "
-                        f"{where(order[0].source_info)}")
+            D.amplifier(self._divides(order))
         g_v, outside = backprop(g_t)
         self.contribute(v, g_v)
         values = {id(a): a for n in order for a in n.inputs if isinstance(a, G.Value)}
@@ -780,6 +778,20 @@ class _Sweep:
         _report("region", order, "masked elementwise region g / T'(x)")
         self.merges[id(v)] = (merge, takes_v, g_t)
         return False  # v is crossed once the masked copies have resolved
+
+    def _divides(self, order) -> str:
+        """What crossing the elementwise region ``order`` does to rounding (for the drift
+        message): a product with an array that does not depend on the input is named, as
+        a 0/1 mask written as a product makes the division infinite."""
+        text = (f"divides by the derivative of "
+                f"{'/'.join(dict.fromkeys(n.primitive.name for n in order))} at "
+                f"{where(order[0].source_info)}")
+        if any(n.primitive is lax.mul_p and any(
+                isinstance(a, G.Value) and not self.is_dep(a) and a.aval.ndim > 0
+                for a in n.inputs) for n in order):
+            text += (" (a product with an array that may be zero: write a 0/1 mask as "
+                     "jnp.where(mask, x, f(x)), which moonjax crosses as a partition)")
+        return text
 
     def _masked_coupling(self, v, nodes):
         """``(merge, v's case, T, T's nodes in order, [(masked copy, v's case)])`` if
@@ -941,9 +953,7 @@ class _Sweep:
                 # input side, where a division by a vanishing φ' did no harm
                 self.divided[id(y)] = (self.residual(v), dphi)
             if any(n.primitive.name not in SHIFTS for n in order):
-                D.amplifier(f"divides by the derivative of "
-                            f"{'/'.join(dict.fromkeys(n.primitive.name for n in order))} at "
-                            f"{where(order[0].source_info)}")
+                D.amplifier(self._divides(order))
         else:
             g_y = fragment
             _report("fragment", [y.producer], "recorded output cotangent",
