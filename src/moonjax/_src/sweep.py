@@ -736,21 +736,7 @@ class _Sweep:
             jnp.where(self.read(n.inputs[0]) == (k - 1), takes_v, True)
             for n, k in copies]))
         inside = {id(v), *(id(o) for n in order for o in n.outputs)}
-
-        def backprop(g_t):
-            local = {id(t): g_t}
-            outside = {}
-            for n in reversed(order):
-                cts = [local.get(id(o)) for o in n.outputs]
-                if all(c is None for c in cts):
-                    continue
-                ins = self.pullbacks[id(n)](tuple(_down(c, o.aval)
-                                                  for o, c in zip(n.outputs, cts)))
-                for a, c in zip(n.inputs, ins):
-                    if isinstance(a, G.Value) and is_float(a.aval):
-                        target = local if id(a) in inside else outside
-                        target[id(a)] = _add(target.get(id(a)), c)
-            return local.get(id(v)), outside
+        backprop = functools.partial(self._backprop_region, order, inside, v, t)
 
         if ct_dtype(v.aval.dtype) != v.aval.dtype:  # 16-bit: T' in float32
             dphi = self._derivative(v, t, order)
@@ -778,6 +764,23 @@ class _Sweep:
         _report("region", order, "masked elementwise region g / T'(x)")
         self.merges[id(v)] = (merge, takes_v, g_t)
         return False  # v is crossed once the masked copies have resolved
+
+    def _backprop_region(self, order, inside, v, y, g_y):
+        """Reverse mode through the elementwise region ``order`` from ``y``'s cotangent
+        ``g_y``: ``(v's cotangent, {id: contribution} of the values read from outside)``;
+        ``inside`` holds the ids of ``v`` and the region's values."""
+        local = {id(y): g_y}
+        outside = {}
+        for n in reversed(order):
+            cts = [local.get(id(o)) for o in n.outputs]
+            if all(c is None for c in cts):
+                continue
+            ins = self.pullbacks[id(n)](tuple(_down(c, o.aval) for o, c in zip(n.outputs, cts)))
+            for a, c in zip(n.inputs, ins):
+                if isinstance(a, G.Value) and is_float(a.aval):
+                    target = local if id(a) in inside else outside
+                    target[id(a)] = _add(target.get(id(a)), c)
+        return local.get(id(v)), outside
 
     def _divides(self, order) -> str:
         """What crossing the elementwise region ``order`` does to rounding (for the drift
@@ -925,21 +928,7 @@ class _Sweep:
                 return False
             fragment = fragment[[id(o) for o in y.producer.outputs].index(id(y))]
 
-        def backprop(g_y):
-            local = {id(y): g_y}
-            outside = {}
-            for n in reversed(order):
-                cts = [local.get(id(o)) for o in n.outputs]
-                if all(c is None for c in cts):
-                    continue
-                pullback = self.pullbacks[id(n)]
-                ins = pullback(tuple(_down(c, o.aval) for o, c in zip(n.outputs, cts)))
-                for a, c in zip(n.inputs, ins):
-                    if not isinstance(a, G.Value) or not is_float(a.aval):
-                        continue
-                    target = local if id(a) in inside else outside
-                    target[id(a)] = _add(target.get(id(a)), c)
-            return local.get(id(v)), outside
+        backprop = functools.partial(self._backprop_region, order, inside, v, y)
 
         if fragment is None:
             if ct_dtype(v.aval.dtype) != v.aval.dtype:  # 16-bit: φ' in float32
