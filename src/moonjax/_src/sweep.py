@@ -213,9 +213,13 @@ class _Sweep:
         self.escape_tier: dict[int, int] = {}  # value id -> escape records taken for it
         self.stalled: list = []  # values to retry when nothing else is left to do
         self.merges: dict[int, tuple] = {}  # value id -> (merge node, its entries, g_T)
+        self.products: dict[int, tuple] = {}  # the same for masks written as products
+        self.watch: dict[int, object] = {}  # value id -> value to retry as its uses resolve
         if params is None:
             params = [is_float(v.aval) for v in graph.invars]
         self.param_dep = {id(v) for v, p, s in zip(graph.invars, params, stream) if p and not s}
+        self._params = [p and not s for p, s in zip(params, stream)]
+        self._trained: set | None = None  # ids of the values computed from parameters
         self._known_cts = known_cts
 
     # -- bookkeeping -------------------------------------------------------------------
@@ -228,6 +232,13 @@ class _Sweep:
 
     def is_dep(self, a) -> bool:
         return isinstance(a, G.Value) and id(a) in self.dep
+
+    def is_mask(self, a) -> bool:
+        """Whether ``a`` may be a mask: a function of neither the input nor the trained
+        parameters (a constant, ``iota``, a non-differentiated argument)."""
+        if self._trained is None:
+            self._trained = stream_dependence(self.g, self._params)
+        return not self.is_dep(a) and not (isinstance(a, G.Value) and id(a) in self._trained)
 
     def residual(self, v):
         acc = self.acc.get(id(v))
@@ -410,6 +421,8 @@ class _Sweep:
         for a in {id(a): a for a in node.inputs if self.is_dep(a)}.values():
             uses = self.unresolved[id(a)]
             uses[:] = [(n, p) for n, p in uses if n is not node]
+            if id(a) in self.watch:
+                self.forward.append(self.watch[id(a)])
             if id(a) in self.ct:
                 self.forward.append(a)
             elif not uses and id(a) not in self.out_pending:
@@ -729,15 +742,23 @@ class _Sweep:
             return True
         found = self._masked_coupling(v, nodes)
         if found is None:
-            return None
+            return self._masked_product(v, nodes)
         merge, slot, t, order, copies = found
         takes_v = self.read(merge.inputs[0]) == (slot - 1)
         ok = jnp.all(functools.reduce(jnp.logical_and, [
             jnp.where(self.read(n.inputs[0]) == (k - 1), takes_v, True)
             for n, k in copies]))
+        g_t = self._cross_masked(v, t, order, takes_v, ok)
+        self.merges[id(v)] = (merge, takes_v, g_t)
+        return False  # v is crossed once the masked copies have resolved
+
+    def _cross_masked(self, v, t, order, takes_v, ok):
+        """Cross ``T`` (the elementwise steps ``order`` from ``v`` to ``t``) where the
+        mask does not keep ``v``: ``g_T = g_v / T'`` there, zero where it keeps ``v``
+        (NaN everywhere unless ``ok``). Its pullback reaches the conditioner; ``t``'s
+        cotangent is final. Returns it."""
         inside = {id(v), *(id(o) for n in order for o in n.outputs)}
         backprop = functools.partial(self._backprop_region, order, inside, v, t)
-
         if ct_dtype(v.aval.dtype) != v.aval.dtype:  # 16-bit: T' in float32
             dphi = self._derivative(v, t, order)
         else:
@@ -762,8 +783,106 @@ class _Sweep:
         self.ct[id(t)] = _up(g_t)  # T's share of the merge's cotangent: final
         self.consumed.add(id(t))
         _report("region", order, "masked elementwise region g / T'(x)")
-        self.merges[id(v)] = (merge, takes_v, g_t)
-        return False  # v is crossed once the masked copies have resolved
+        return g_t
+
+    def _masked_product(self, v, nodes):
+        """The same coupling with its mask written as products: ``c = v * m`` read by
+        the conditioner, ``y = c + w * T(v; c)`` with ``m`` and ``w`` not functions of
+        the input. It is a partition where ``m`` is 0 or 1 and ``w = 1 - m``, which is
+        checked at run time (NaN otherwise). Returns ``None`` where the pattern does not
+        apply, else whether ``v`` was crossed."""
+        if id(v) in self.products:  # the second half, once the conditioner resolved
+            copy, merge, scaled, takes_v, g_t = self.products[id(v)]
+            c = copy.outputs[0]
+            rest = [n for n, _ in self.unresolved[id(c)]]
+            if [id(n) for n in nodes] != [id(copy)] or [id(n) for n in rest] != [id(merge)]:
+                self._record_escapes(v, rest or nodes, shrink=True)
+                return False
+            acc = self.acc.get(id(c))
+            kept = self.residual(v) if acc is None else self.residual(v) - acc
+            g_y = jnp.where(takes_v, kept, g_t)
+            for n in (copy, scaled, merge):
+                for o in n.outputs:
+                    if id(o) not in self.ct and o is not merge.outputs[0]:
+                        self.ct[id(o)] = None
+                        self.consumed.add(id(o))
+                self._resolve(n, None)
+            _report("spine", [copy, merge], "mask partition")
+            self.set_known(merge.outputs[0], g_y)
+            del self.products[id(v)]
+            return True
+        found = self._product_coupling(v, nodes)
+        if found is None or found == "wait":
+            return None if found is None else False
+        copy, merge, scaled, t, order, m, w = found
+        m, w = self.read(m), self.read(w)
+        ok = jnp.all(((m == 0) | (m == 1)) & (w == 1 - m))
+        takes_v = m == 1
+        g_t = self._cross_masked(v, t, order, takes_v, ok)
+        self.products[id(v)] = (copy, merge, scaled, takes_v, g_t)
+        self.watch[id(copy.outputs[0])] = v  # retried as the conditioner resolves
+        return False
+
+    def _product_coupling(self, v, nodes):
+        """``(copy, merge, scaled, T, T's nodes, m, w)`` for :meth:`_masked_product`."""
+        def factor(n, x):  # the other operand of ``x * factor``, if not input-dependent
+            if n.primitive is not lax.mul_p or len(n.inputs) != 2:
+                return None
+            others = [a for a in n.inputs if a is not x]
+            if len(others) != 1 or not self.is_mask(others[0]) or not isinstance(
+                    others[0], G.Value) or others[0].aval.ndim != v.aval.ndim or any(
+                    a not in (1, b) for a, b in zip(others[0].aval.shape, v.aval.shape)):
+                return None  # an array the size of v, or broadcast along its size-1 axes
+            return others[0]
+
+        copies = [n for n in nodes if factor(n, v) is not None]
+        if len(copies) != 1:
+            return None
+        (copy,) = copies
+        c = copy.outputs[0]
+        merges = [n for n, _ in c.uses if n.primitive is lax.add_p]
+        if len(merges) != 1 or all(n is merges[0] for n, _ in c.uses):
+            return None  # no conditioner reads c: an elementwise region, not a coupling
+        (merge,) = merges
+        q = [a for a in merge.inputs if a is not c]
+        if len(q) != 1 or not isinstance(q[0], G.Value) or q[0].producer is None:
+            return None
+        scaled = q[0].producer
+        ts = [a for a in scaled.inputs if self.is_dep(a)]
+        if len(ts) != 1 or factor(scaled, ts[0]) is None or len(q[0].uses) != 1:
+            return None
+        t, w = ts[0], factor(scaled, ts[0])
+        later = [n for n in (scaled, merge) if id(n) not in self.evaluated]
+        if later:  # the merge comes after v's uses: look again once it is evaluated
+            for n in later:
+                self.wake.setdefault(id(n), []).append(v)
+            return "wait"
+        order, stack, seen = [], [n for n in nodes if n is not copy], set()
+        while stack:
+            n = stack.pop()
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            if n.primitive not in elementwise_rules or id(n) not in self.evaluated \
+                    or len(n.outputs) != 1 or n.outputs[0].aval.shape != v.aval.shape:
+                return None
+            order.append(n)
+            if n.outputs[0] is not t:
+                stack.extend(u for u, _ in n.outputs[0].uses)
+        order.sort(key=lambda n: n.index)
+        ids = {id(n) for n in order}
+        if t.producer is None or id(t.producer) not in ids:
+            return None
+        for n in order:
+            for o in n.outputs:
+                if any(id(u) not in ids and not (u is scaled and o is t) for u, _ in o.uses):
+                    return None
+            flags = [isinstance(a, G.Value) and (a is v or a.producer is not None
+                                                 and id(a.producer) in ids)
+                     for a in n.inputs]
+            if elementwise_rules[n.primitive](n, flags) is not None:
+                return None
+        return copy, merge, scaled, t, order, factor(copy, v), w
 
     def _backprop_region(self, order, inside, v, y, g_y):
         """Reverse mode through the elementwise region ``order`` from ``y``'s cotangent
@@ -801,7 +920,7 @@ class _Sweep:
         ``v``'s uses form a masked coupling (see :meth:`_mask_partition`), else None."""
         def select(n):  # a two-way select_n by a mask that is no function of the input
             return (n.primitive is lax.select_n_p and len(n.inputs) == 3
-                    and not self.is_dep(n.inputs[0])
+                    and self.is_mask(n.inputs[0])
                     and n.inputs[0].aval.shape == v.aval.shape)
 
         copies, merges = [], []
