@@ -823,6 +823,38 @@ class _Sweep:
         self.watch[id(copy.outputs[0])] = v  # retried as the conditioner resolves
         return False
 
+    def _transform(self, v, starts, t, merge):
+        """The elementwise steps from ``v`` (its uses ``starts``) up to ``t``, in program
+        order, if they are a masked coupling's ``T``: evaluated, of ``v``'s shape, their
+        values read by one another or (``t``) by ``merge`` only, and one-to-one in ``v``.
+        ``None`` otherwise."""
+        order, stack, seen = [], list(starts), set()
+        while stack:
+            n = stack.pop()
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            if n.primitive not in elementwise_rules or id(n) not in self.evaluated \
+                    or len(n.outputs) != 1 or n.outputs[0].aval.shape != v.aval.shape:
+                return None
+            order.append(n)
+            if n.outputs[0] is not t:
+                stack.extend(u for u, _ in n.outputs[0].uses)
+        order.sort(key=lambda n: n.index)
+        ids = {id(n) for n in order}
+        if t.producer is None or id(t.producer) not in ids:
+            return None
+        for n in order:
+            for o in n.outputs:
+                if any(id(u) not in ids and not (u is merge and o is t) for u, _ in o.uses):
+                    return None
+            flags = [isinstance(a, G.Value) and (a is v or a.producer is not None
+                                                 and id(a.producer) in ids)
+                     for a in n.inputs]
+            if elementwise_rules[n.primitive](n, flags) is not None:
+                return None  # T' may vanish: not this rule
+        return order
+
     def _product_coupling(self, v, nodes):
         """``(copy, merge, scaled, T, T's nodes, m, w)`` for :meth:`_masked_product`."""
         def factor(n, x):  # the other operand of ``x * factor``, if not input-dependent
@@ -857,31 +889,9 @@ class _Sweep:
             for n in later:
                 self.wake.setdefault(id(n), []).append(v)
             return "wait"
-        order, stack, seen = [], [n for n in nodes if n is not copy], set()
-        while stack:
-            n = stack.pop()
-            if id(n) in seen:
-                continue
-            seen.add(id(n))
-            if n.primitive not in elementwise_rules or id(n) not in self.evaluated \
-                    or len(n.outputs) != 1 or n.outputs[0].aval.shape != v.aval.shape:
-                return None
-            order.append(n)
-            if n.outputs[0] is not t:
-                stack.extend(u for u, _ in n.outputs[0].uses)
-        order.sort(key=lambda n: n.index)
-        ids = {id(n) for n in order}
-        if t.producer is None or id(t.producer) not in ids:
+        order = self._transform(v, [n for n in nodes if n is not copy], t, scaled)
+        if order is None:
             return None
-        for n in order:
-            for o in n.outputs:
-                if any(id(u) not in ids and not (u is scaled and o is t) for u, _ in o.uses):
-                    return None
-            flags = [isinstance(a, G.Value) and (a is v or a.producer is not None
-                                                 and id(a.producer) in ids)
-                     for a in n.inputs]
-            if elementwise_rules[n.primitive](n, flags) is not None:
-                return None
         return copy, merge, scaled, t, order, factor(copy, v), w
 
     def _backprop_region(self, order, inside, v, y, g_y):
@@ -911,8 +921,9 @@ class _Sweep:
         if any(n.primitive is lax.mul_p and any(
                 isinstance(a, G.Value) and not self.is_dep(a) and a.aval.ndim > 0
                 for a in n.inputs) for n in order):
-            text += (" (a product with an array that may be zero: write a 0/1 mask as "
-                     "jnp.where(mask, x, f(x)), which moonjax crosses as a partition)")
+            text += (" (a product with an array that may be zero: a 0/1 mask is crossed "
+                     "as a partition in a coupling, c = h * m read by the conditioner and "
+                     "y = c + (1 - m) * T(h), or written as jnp.where(mask, h, T(h)))")
         return text
 
     def _masked_coupling(self, v, nodes):
@@ -938,33 +949,10 @@ class _Sweep:
         t = merge.inputs[3 - slot]
         if t.producer is None or id(t.producer) not in self.evaluated:
             return None
-        # T's nodes: forwards from v's other uses through elementwise steps, up to t
         masks = {id(n) for n, _ in [*copies, *merges]}
-        order, stack, seen = [], [n for n in nodes if id(n) not in masks], set()
-        while stack:
-            n = stack.pop()
-            if id(n) in seen:
-                continue
-            seen.add(id(n))
-            if n.primitive not in elementwise_rules or id(n) not in self.evaluated \
-                    or len(n.outputs) != 1 or n.outputs[0].aval.shape != v.aval.shape:
-                return None
-            order.append(n)
-            if n.outputs[0] is not t:
-                stack.extend(u for u, _ in n.outputs[0].uses)
-        order.sort(key=lambda n: n.index)
-        ids = {id(n) for n in order}
-        if id(t.producer) not in ids:
+        order = self._transform(v, [n for n in nodes if id(n) not in masks], t, merge)
+        if order is None:
             return None
-        for n in order:  # T's values feed T or the merge (as T) only
-            for o in n.outputs:
-                if any(id(u) not in ids and not (u is merge and o is t) for u, _ in o.uses):
-                    return None
-            flags = [isinstance(a, G.Value) and (a is v or a.producer is not None
-                                                 and id(a.producer) in ids)
-                     for a in n.inputs]
-            if elementwise_rules[n.primitive](n, flags) is not None:
-                return None  # T' may vanish: not this rule
         expected = {id(merge), *(id(n) for n, _ in copies),
                     *(id(n) for n in order if any(a is v for a in n.inputs))}
         if {id(n) for n in nodes} != expected:
