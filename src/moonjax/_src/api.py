@@ -32,7 +32,7 @@ from moonjax._src.phase1 import (
 )
 from moonjax._src.phase1 import forward as phase1_forward
 from moonjax._src.phase1 import reversible as reversible_backprop
-from moonjax._src.plan import CHECKPOINTED, REVERSIBLE, RUNS, analyse, fallbacks
+from moonjax._src.plan import CHECKPOINTED, REVERSIBLE, RUNS, analyse
 from moonjax._src.rules import VijpRule
 from moonjax._src.sweep import REPORT, SHIFTS, Collect, sweep
 
@@ -463,22 +463,25 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
         treatment = RUNS[program.treatment]
         inverted = {lp.node.index: lp.body for lp in program.loops
                     if lp.treatment == REVERSIBLE}
+    def with_aux():
+        """The program of the loss and its aux: graph, inputs, positions, unpack."""
+        return traced(True) if has_aux else (graph, invals, pos,
+                                             lambda outs: (outs[0], None))
+
     if treatment in ("reversible", "checkpointed"):  # every cotangent at once
-        graph_aux, invals_aux, pos_aux, unpack = traced(True) if has_aux else (
-            graph, invals, pos, lambda outs: (outs[0], None))
+        graph_aux, invals_aux, pos_aux, unpack = with_aux()
         stream_at = [pos_aux[j] for j in static.stream]
         checkpointed = {}
-        if treatment == "checkpointed" or fragments:  # the plan's loops, as traced here
-            loops = (analyse(graph_aux, stream_at).loops if has_aux or mode != "auto"
-                     else program.loops)
+        if treatment == "checkpointed":  # the plan's loops, in the traced program
+            loops = analyse(graph_aux, stream_at).loops if has_aux else program.loops
             checkpointed = {lp.node.index: lp.anchor_every for lp in loops
-                            if lp.treatment == CHECKPOINTED} if mode == "auto" else (
-                fallbacks(loops))  # forced: only the loops without an inverse
+                            if lp.treatment == CHECKPOINTED}
         wanted = list(dict.fromkeys(static.stream + static.params))
         with D.measuring() as measured:
+            # forced reversible mode checkpoints the loops it cannot invert (fragments)
             outs, cts = reversible_backprop(graph_aux, invals_aux, stream_at,
                                             [pos_aux[j] for j in wanted], anchor_every,
-                                            checkpointed)
+                                            checkpointed, fallback=fragments)
         loss, aux = unpack(outs)
         value = (loss, aux) if has_aux else loss
         return value, _grads(static, flat, dict(zip(wanted, cts))), measured, treatment
@@ -494,8 +497,7 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
                                   params=params_mask, debug=debug)
     recorded = None
     if treatment == "forward" and batch_axis is not None:
-        graph_aux, invals_aux, pos_aux, unpack = traced(True) if has_aux else (
-            graph, invals, pos, lambda outs: (outs[0], None))
+        graph_aux, invals_aux, pos_aux, unpack = with_aux()
         outs, g_stream = forward_batched(graph_aux, invals_aux,
                                          [pos_aux[j] for j in static.stream], debug=debug)
         loss, aux = unpack(outs)

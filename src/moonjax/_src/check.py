@@ -45,7 +45,7 @@ from moonjax._src.errors import (
     UnsupportedPrimitiveError,
     where,
 )
-from moonjax._src.phase1 import reversible_anchor
+from moonjax._src.phase1 import fallback_interval, reversible_anchor
 from moonjax._src.rules import vijp_rules
 
 __all__ = ["CheckReport", "LayerGroup", "StepInfo", "check"]
@@ -770,7 +770,7 @@ def _with_treatments(groups, plan: P.Plan | None, mode: str, treatment: str,
             lp = None
         held = None if lp is None else (
             lp.anchor_every if treatment == "checkpointed" and lp.treatment == P.CHECKPOINTED
-            else P.fallbacks([lp]).get(lp.node.index) if mode == "reversible" and fragments
+            else fallback_interval(lp.node, lp.body) if mode == "reversible" and fragments
             else None)  # forced reversible mode checkpoints the loops it cannot invert
         if held is not None:
             g = dataclasses.replace(g, treatment=f"checkpointed reverse mode, the carry kept "

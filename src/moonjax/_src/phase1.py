@@ -44,7 +44,8 @@ def evaluate(graph: G.Graph, invals, bind=None):
     return [read(o) for o in graph.outvars]
 
 
-def reversible(graph, invals, stream_pos, diff_pos, anchor_every="auto", checkpointed=None):
+def reversible(graph, invals, stream_pos, diff_pos, anchor_every="auto", checkpointed=None,
+               fallback=False):
     """Reversible backprop derived from the program: ``(outvals, cotangents of
     diff_pos)``. Every ``lax.scan`` over the stream keeps only its final carry; going
     back, each step's input is rebuilt from its output by inverting the body
@@ -56,11 +57,19 @@ def reversible(graph, invals, stream_pos, diff_pos, anchor_every="auto", checkpo
     and moves); ``None`` never.
 
     ``checkpointed``: ``node.index -> k`` for the loops run as checkpointed reverse
-    mode instead (:func:`_checkpointed_scan`)."""
+    mode instead (:func:`_checkpointed_scan`); with ``fallback``, also every loop over
+    the stream that cannot be inverted (:func:`fallback_interval`)."""
     stream = [i in stream_pos for i in range(len(invals))]
     dep = stream_dependence(graph, stream)
     loops = {node.index: body for node, body in reversible_loops(graph, dep)}
-    checkpointed = checkpointed or {}
+    checkpointed = dict(checkpointed or {})
+    if fallback:
+        for node in graph.nodes:
+            if node.primitive is lax.scan_p and any(
+                    isinstance(a, G.Value) and id(a) in dep for a in node.inputs):
+                k = fallback_interval(node, loops.get(node.index))
+                if k is not None:
+                    checkpointed.setdefault(node.index, k)
 
     def bind(node, args):
         if node.index in checkpointed:
@@ -259,6 +268,15 @@ def _reversible_scan(node, loop: LoopBody, anchor_every):
 
     run.defvjp(fwd, bwd)
     return _of_inputs(run, nc, ncar)
+
+
+def fallback_interval(node, loop: LoopBody | None) -> int | None:
+    """The blocks of checkpointed reverse mode that forced reversible backprop runs a
+    loop over the stream in when it cannot invert it (no inverse rule, or the stream
+    read outside the carry: ``loop`` is ``None``); ``None`` for a loop it inverts."""
+    if loop is not None and loop.inversion.stuck is None:
+        return None
+    return checkpoint_interval(node.params["length"])
 
 
 def checkpoint_interval(length: int) -> int:

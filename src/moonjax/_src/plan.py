@@ -128,14 +128,6 @@ def analyse(graph: G.Graph, stream_pos) -> Plan:
     return Plan(REVERSIBLE, f"every loop over layers inverts by {how}", tuple(loops))
 
 
-def fallbacks(loops) -> dict:
-    """``node.index -> k`` for the loops that forced reversible backprop cannot invert
-    (no inverse rule, or the stream read outside the carry): checkpointed reverse mode
-    in blocks of ``k`` steps instead, exact, rather than an error."""
-    return {lp.node.index: checkpoint_interval(lp.node.params["length"]) for lp in loops
-            if lp.body is None or lp.body.inversion.stuck is not None}
-
-
 def _loop_plan(node, body: LoopBody | None) -> LoopPlan:
     def checkpointed(reason):
         """Checkpointed reverse mode, unless the sweep keeps clearly less."""

@@ -720,7 +720,8 @@ class _Sweep:
     def _mask_partition(self, v, nodes):
         """A masked coupling: ``y = where(m, v, T(v; c))`` with ``T`` elementwise in ``v``
         and its conditioner ``c`` reading ``v`` through masked copies ``where(m, v, 0)``
-        only, for masks ``m`` that do not depend on the network input. The mask
+        only, for masks ``m`` that are functions of neither the network input nor the
+        trained parameters (:meth:`is_mask`). The mask
         partitions ``v`` as a split does: where ``y`` takes ``T``, ``v``'s cotangent comes
         from ``T`` alone (``g_T = g_v / T'``), and once that has been pulled back through
         the conditioner to the masked copies, where ``y`` takes ``v`` its cotangent is
@@ -867,10 +868,10 @@ class _Sweep:
                 return None  # an array the size of v, or broadcast along its size-1 axes
             return others[0]
 
-        copies = [n for n in nodes if factor(n, v) is not None]
+        copies = [(n, m) for n in nodes if (m := factor(n, v)) is not None]
         if len(copies) != 1:
             return None
-        (copy,) = copies
+        ((copy, m),) = copies
         c = copy.outputs[0]
         merges = [n for n, _ in c.uses if n.primitive is lax.add_p]
         if len(merges) != 1 or all(n is merges[0] for n, _ in c.uses):
@@ -881,9 +882,10 @@ class _Sweep:
             return None
         scaled = q[0].producer
         ts = [a for a in scaled.inputs if self.is_dep(a)]
-        if len(ts) != 1 or factor(scaled, ts[0]) is None or len(q[0].uses) != 1:
+        w = factor(scaled, ts[0]) if len(ts) == 1 else None
+        if w is None or len(q[0].uses) != 1:
             return None
-        t, w = ts[0], factor(scaled, ts[0])
+        t = ts[0]
         later = [n for n in (scaled, merge) if id(n) not in self.evaluated]
         if later:  # the merge comes after v's uses: look again once it is evaluated
             for n in later:
@@ -892,7 +894,7 @@ class _Sweep:
         order = self._transform(v, [n for n in nodes if n is not copy], t, scaled)
         if order is None:
             return None
-        return copy, merge, scaled, t, order, factor(copy, v), w
+        return copy, merge, scaled, t, order, m, w
 
     def _backprop_region(self, order, inside, v, y, g_y):
         """Reverse mode through the elementwise region ``order`` from ``y``'s cotangent
