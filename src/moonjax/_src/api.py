@@ -244,19 +244,21 @@ def moonwalk_value_and_grad(
     def prepare(args, kwargs):
         nargs = len(args)
         diff = _normalize_argnums(argnums, nargs, "argnums")
-        if stream_argnums is None:
-            # the network input: the first argument after the differentiated ones
-            # (``loss(params, x, y)``), else the first one not differentiated
-            rest = [i for i in range(nargs) if i not in diff]
-            after = [i for i in rest if i > max(diff)]
-            stream_ix = tuple((after or rest)[:1])
-        else:
-            stream_ix = _normalize_argnums(stream_argnums, nargs, "stream_argnums")
         leaves, treedefs = [], []
         for a in (*args, kwargs):
             lv, td = jax.tree_util.tree_flatten(a)
             leaves.append(lv)
             treedefs.append(td)
+        if stream_argnums is None:
+            # the network input: the first argument with a float leaf after the
+            # differentiated ones (``loss(params, x, y)``), else before them
+            rest = [i for i in range(nargs) if i not in diff]
+            after = [i for i in rest if i > max(diff)]
+            floats = [i for i in after + [i for i in rest if i not in after]
+                      if any(_inexact(leaf) for leaf in leaves[i])]
+            stream_ix = tuple((floats or after or rest)[:1])
+        else:
+            stream_ix = _normalize_argnums(stream_argnums, nargs, "stream_argnums")
         for i in diff:
             for leaf in leaves[i]:
                 dtype = _dtype(leaf)
@@ -266,18 +268,18 @@ def moonwalk_value_and_grad(
                         "; like jax.grad, moonwalk_grad differentiates float inputs only")
         offsets = tuple(itertools.accumulate([0] + [len(lv) for lv in leaves]))
         flat = list(itertools.chain.from_iterable(leaves))
-        stream_flat = tuple(
-            j for i in stream_ix for j in range(offsets[i], offsets[i + 1])
-            if _dtype(flat[j]) is not None and jnp.issubdtype(_dtype(flat[j]), jnp.inexact)
-        )
-        if not stream_flat:
+        stream_flat = tuple(j for i in stream_ix for j in range(offsets[i], offsets[i + 1])
+                            if _inexact(flat[j]))
+        if not stream_flat and (mode != "auto" or stream_argnums is not None):
             raise ArgumentError(_no_stream_message(stream_ix, stream_argnums, diff, leaves))
         params_flat = tuple(j for i in diff for j in range(offsets[i], offsets[i + 1]))
         is_dynamic = [_dtype(leaf) is not None for leaf in flat]
         static_leaves = tuple((j, leaf) for j, leaf in enumerate(flat) if not is_dynamic[j])
         anchors = anchor_every
+        # no network input (it is closed over): the default runs reverse mode
         tol = drift_tol if drift_tol is not None else min(
-            D.tolerance(_dtype(flat[j])) for j in stream_flat)
+            (D.tolerance(_dtype(flat[j])) for j in stream_flat or params_flat),
+            default=D.tolerance(np.float32))
         static = _Static(tuple(treedefs), offsets, diff, stream_flat, params_flat,
                          static_leaves, isinstance(argnums, int), anchors, float(tol))
         dynamic = [leaf for j, leaf in enumerate(flat) if is_dynamic[j]]
@@ -405,6 +407,11 @@ class _Static(NamedTuple):
     drift_tol: float
 
 
+def _inexact(leaf) -> bool:
+    dtype = _dtype(leaf)
+    return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
+
+
 def _dtype(leaf):
     """The dtype of an array-like leaf, ``None`` for anything else (static)."""
     if isinstance(leaf, (jax.Array, np.ndarray, np.generic, float, int, complex)):
@@ -458,7 +465,9 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
     stream_pos = [pos[j] for j in static.stream]
     treatment = mode
     inverted = {}  # loops whose mixed phase 1 runs by inversion: one carry kept
-    if mode == "auto":  # the plan: from the program alone
+    if mode == "auto" and not stream_pos:  # no network input: nothing to invert
+        treatment = "reverse"
+    elif mode == "auto":  # the plan: from the program alone
         program = analyse(graph, stream_pos)
         treatment = RUNS[program.treatment]
         inverted = {lp.node.index: lp.body for lp in program.loops
@@ -468,7 +477,7 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
         return traced(True) if has_aux else (graph, invals, pos,
                                              lambda outs: (outs[0], None))
 
-    if treatment in ("reversible", "checkpointed"):  # every cotangent at once
+    if treatment in ("reversible", "checkpointed", "reverse"):  # every cotangent at once
         graph_aux, invals_aux, pos_aux, unpack = with_aux()
         stream_at = [pos_aux[j] for j in static.stream]
         checkpointed = {}
@@ -481,7 +490,8 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
             # forced reversible mode checkpoints the loops it cannot invert (fragments)
             outs, cts = reversible_backprop(graph_aux, invals_aux, stream_at,
                                             [pos_aux[j] for j in wanted], anchor_every,
-                                            checkpointed, fallback=fragments)
+                                            checkpointed, fallback=fragments,
+                                            recompute=mode == "auto")
         loss, aux = unpack(outs)
         value = (loss, aux) if has_aux else loss
         return value, _grads(static, flat, dict(zip(wanted, cts))), measured, treatment

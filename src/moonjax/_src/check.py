@@ -312,8 +312,9 @@ class CheckReport:
 
 _TREATMENTS = {"reversible": "reversible backprop", "mixed": "Moonwalk (mixed phase 1, sweep)",
                "forward": "forward phase 1, sweep",
-               "checkpointed": "reverse mode, loops inverted or checkpointed"}
-_NO_SWEEP = ("reversible", "checkpointed")
+               "checkpointed": "reverse mode, loops inverted or checkpointed",
+               "reverse": "reverse mode (jax.grad's)"}
+_NO_SWEEP = ("reversible", "checkpointed", "reverse")
 
 
 def _bytes(n: int) -> str:

@@ -29,13 +29,26 @@ from moonjax._src import masks
 from moonjax._src.errors import BATCH_MIXED, ArgumentError, where
 from moonjax._src.inverse import Inversion, invert, plan_inversion
 from moonjax._src.sweep import is_float, stream_dependence
+from moonjax._src.unrolled import reversible_run
+from moonjax._src.unrolled import runs as unrolled_runs
 
 
-def evaluate(graph: G.Graph, invals, bind=None):
-    """Evaluate ``graph``; ``bind(node, args)`` may replace a node's evaluation."""
+def evaluate(graph: G.Graph, invals, bind=None, runs=(), recompute=False):
+    """Evaluate ``graph``; ``bind(node, args)`` may replace a node's evaluation, and
+    each of ``runs`` (:class:`~moonjax._src.unrolled.Run`) is evaluated as one call of
+    :func:`~moonjax._src.unrolled.reversible_run` where its last equation stands (every
+    value it reads is computed by then; nothing outside it reads its inner values)."""
     env = {id(v): x for v, x in zip(graph.invars, invals)}
     read = lambda a: a.val if isinstance(a, G.Lit) else env[id(a)]
+    inside = {id(n): r for r in runs for n in r.nodes}
     for node in graph.nodes:
+        run = inside.get(id(node))
+        if run is not None:
+            if node is run.nodes[-1]:
+                outs = reversible_run(run, recompute)([read(v) for v in run.ins],
+                                                      [read(v) for v in run.externals])
+                env.update(zip(map(id, run.outs), outs))
+            continue
         args = [read(a) for a in node.inputs]
         outs = bind(node, args) if bind is not None else None
         if outs is None:
@@ -45,12 +58,14 @@ def evaluate(graph: G.Graph, invals, bind=None):
 
 
 def reversible(graph, invals, stream_pos, diff_pos, anchor_every="auto", checkpointed=None,
-               fallback=False):
+               fallback=False, unrolled=True, recompute=False):
     """Reversible backprop derived from the program: ``(outvals, cotangents of
     diff_pos)``. Every ``lax.scan`` over the stream keeps only its final carry; going
     back, each step's input is rebuilt from its output by inverting the body
     (:mod:`moonjax._src.inverse`) and one vjp of the step gives the input and the
-    parameter cotangents at once. The rest of the program is plain reverse mode.
+    parameter cotangents at once. With ``unrolled``, every run of unrolled layers that
+    inverts (:func:`moonjax._src.unrolled.runs`) is run the same way, one segment at a
+    time. The rest of the program is plain reverse mode.
 
     ``anchor_every``: ``k`` stores the carry every ``k`` steps and restarts the
     inversion there; ``"auto"`` as :func:`reversible_anchor` says (none for additions
@@ -71,6 +86,8 @@ def reversible(graph, invals, stream_pos, diff_pos, anchor_every="auto", checkpo
                 if k is not None:
                     checkpointed.setdefault(node.index, k)
 
+    runs = unrolled_runs(graph, dep, anchor_every) if unrolled else ()
+
     def bind(node, args):
         if node.index in checkpointed:
             return _checkpointed_scan(node, checkpointed[node.index])(args)
@@ -81,7 +98,7 @@ def reversible(graph, invals, stream_pos, diff_pos, anchor_every="auto", checkpo
         vals = list(invals)
         for i, s in zip(diff_pos, diff_vals):
             vals[i] = s
-        outs = evaluate(graph, vals, bind)
+        outs = evaluate(graph, vals, bind, runs, recompute)
         return outs[0], outs[1:]
 
     loss, pullback, aux = jax.vjp(f, *[invals[i] for i in diff_pos], has_aux=True)

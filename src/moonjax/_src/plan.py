@@ -52,12 +52,15 @@ from moonjax._src.phase1 import (
     step_function,
 )
 from moonjax._src.sweep import stream_dependence
+from moonjax._src.unrolled import runs as unrolled_runs
 
 REVERSIBLE = "reversible"
 CHECKPOINTED = "checkpointed"
 MOONWALK = "moonwalk"
+REVERSE = "reverse"
 # what the gradient runs for each treatment of the whole program (``mode=`` names)
-RUNS = {REVERSIBLE: "reversible", CHECKPOINTED: "checkpointed", MOONWALK: "mixed"}
+RUNS = {REVERSIBLE: "reversible", CHECKPOINTED: "checkpointed", MOONWALK: "mixed",
+        REVERSE: "reverse"}
 
 # checkpointed reverse mode for a loop unless it would keep more than this many times
 # what the sweep keeps (estimated): it is the faster of the two, by about 2x
@@ -91,6 +94,7 @@ class Plan:
     treatment: str
     reason: str
     loops: tuple = ()
+    runs: tuple = ()  # unrolled runs of invertible segments (unrolled.Run)
 
 
 def analyse(graph: G.Graph, stream_pos) -> Plan:
@@ -103,12 +107,18 @@ def analyse(graph: G.Graph, stream_pos) -> Plan:
                 isinstance(a, G.Value) and id(a) in dep for a in node.inputs):
             continue
         loops.append(_loop_plan(node, invertible.get(id(node))))
+    runs = tuple(unrolled_runs(graph, dep, "auto"))
     if not loops:
-        return Plan(MOONWALK, "no lax.scan over layers")
+        if runs:
+            return Plan(REVERSIBLE, "; ".join(r.describe() for r in runs), (), runs)
+        return Plan(REVERSE, "no lax.scan over layers and no run of unrolled layers that "
+                    "inverts: reverse mode keeps least")
     # after the last loop comes the loss head: reverse mode under every treatment
     last = max(lp.node.index for lp in loops)
     carried = sum(_bytes(a) for lp in loops for a in _carries(lp.node))
+    in_runs = {id(n) for r in runs for n in r.nodes}
     outside = sum(_bytes(o) for node in graph.nodes[:last] if node.primitive is not lax.scan_p
+                  and id(node) not in in_runs
                   and any(isinstance(a, G.Value) and id(a) in dep for a in node.inputs)
                   for o in node.outputs)
     if outside > OUTSIDE_LIMIT * carried:
@@ -122,10 +132,10 @@ def analyse(graph: G.Graph, stream_pos) -> Plan:
     held = [lp for lp in loops if lp.treatment == CHECKPOINTED]
     if held:
         return Plan(CHECKPOINTED, f"the loop at {held[0].where}: {held[0].reason}",
-                    tuple(loops))
+                    tuple(loops), runs)
     how = ("additions and moves" if all(lp.anchor_every is None for lp in loops)
            else "additions, moves and elementwise divisions")
-    return Plan(REVERSIBLE, f"every loop over layers inverts by {how}", tuple(loops))
+    return Plan(REVERSIBLE, f"every loop over layers inverts by {how}", tuple(loops), runs)
 
 
 def _loop_plan(node, body: LoopBody | None) -> LoopPlan:
