@@ -141,7 +141,7 @@ def test_drift_error_names_the_line_the_drift_and_the_fix():
     loss, params, x, y, _ = _case("nnx", "leaky0.01", False, (128, 4))
     args32 = (_cast(params, jnp.float32), x.astype(jnp.float32), y.astype(jnp.float32))
     with pytest.raises(moonjax.DriftError) as info:
-        moonjax.moonwalk_grad(loss)(*args32)
+        moonjax.moonwalk_grad(loss, mode="mixed")(*args32)
     text = str(info.value)
     assert "moonjax: inaccurate gradient" in text
     assert re.search(r"drifted [0-9.e+-]+ \(relative\) from the exact one at (the loss head|"
@@ -166,11 +166,11 @@ def test_drift_is_checked_under_an_outer_jit_and_vmap():
 def test_on_drift_nan_and_drift_tol():
     loss, params, x, y, ref = _case("nnx", "tanh", False, (64, 4))
     args32 = (_cast(params, jnp.float32), x.astype(jnp.float32), y.astype(jnp.float32))
-    got = moonjax.moonwalk_grad(loss, on_drift="nan")(*args32)
+    got = moonjax.moonwalk_grad(loss, mode="mixed", on_drift="nan")(*args32)
     assert all(bool(jnp.all(jnp.isnan(g))) for g in jax.tree_util.tree_leaves(got))
     # the check is what stops the gradient: with the tolerance lifted, it is finite
     # and wrong
-    loose = moonjax.moonwalk_grad(loss, drift_tol=1e30)(*args32)
+    loose = moonjax.moonwalk_grad(loss, mode="mixed", drift_tol=1e30)(*args32)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(loose))
     assert rel_err(loose, ref) > 100 * rel_err(jax.grad(loss)(*args32), ref)
 

@@ -109,9 +109,9 @@ def test_non_monotone_activation_is_exact_through_fragments(x64, name):
     loss = mlp_loss(FRAGMENT[name])
     for seed in range(3):
         params, x = make(seed)
-        got = moonjax.moonwalk_grad(loss)(params, x)
+        got = moonjax.moonwalk_grad(loss, mode="mixed")(params, x)
         assert_grads_close(got, jax.jit(jax.grad(loss))(params, x))
-    report = moonjax.check(loss, params, x)
+    report = moonjax.check(loss, params, x, mode="mixed")
     assert report.ok and not report.submersive and report.fragment_bytes > 0, report
 
 
@@ -121,7 +121,7 @@ def test_non_monotone_activation_without_fragments_names_the_users_line(x64, nam
     params, x = make(0)
     with pytest.raises(moonjax.NotSubmersiveError,
                        match=re.escape("test_activations.py")):
-        moonjax.moonwalk_grad(loss, fragments=False)(params, x)
+        moonjax.moonwalk_grad(loss, mode="mixed", fragments=False)(params, x)
 
 
 def test_activation_used_twice_inside_a_region_and_under_jit(x64):

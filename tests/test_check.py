@@ -160,7 +160,7 @@ RELU_X = jnp.ones((3, 4))
 
 
 def test_relu_net_is_ok_with_fragments_and_reports_them_at_the_user_line():
-    r = check(relu_loss, RELU_W, RELU_X)
+    r = check(relu_loss, RELU_W, RELU_X, mode="mixed")
     assert r.ok and not r.submersive
     assert isinstance(r.fragment_error, moonjax.NotSubmersiveError)
     assert r.primitive == "max" and f"{HERE}:{line_of(relu_loss, 'marker: relu')}:" in r.location
@@ -175,7 +175,7 @@ def test_relu_net_is_ok_with_fragments_and_reports_them_at_the_user_line():
 
 
 def test_relu_net_stores_only_the_relu_fragment():
-    r = check(relu_loss, RELU_W, RELU_X)
+    r = check(relu_loss, RELU_W, RELU_X, mode="mixed")
     assert r.fragment_bytes == 3 * 4 * 8
 
 
@@ -194,7 +194,7 @@ def test_scanned_relu_net_counts_fragments_once_per_layer():
 
 
 def test_relu_net_without_fragments_fails_at_the_relu_line():
-    r = check(relu_loss, RELU_W, RELU_X, fragments=False)
+    r = check(relu_loss, RELU_W, RELU_X, fragments=False, mode="mixed")
     assert not r.ok and isinstance(r.error, moonjax.NotSubmersiveError)
     assert r.primitive == "max"
     assert f"{HERE}:{line_of(relu_loss, 'marker: relu')}" in r.location
@@ -222,13 +222,13 @@ def sort_loss(w, x):
 
 
 def test_unsupported_primitive_is_reported_with_a_fix():
-    r = check(sort_loss, RELU_W, RELU_X, fragments=False)
+    r = check(sort_loss, RELU_W, RELU_X, fragments=False, mode="mixed")
     assert not r.ok and isinstance(r.error, moonjax.UnsupportedPrimitiveError)
     assert r.primitive == "sort" and f"{HERE}:{line_of(sort_loss, 'marker: sort')}" in r.location
     assert "custom_vijp" in r.suggestion and "register_vijp" in r.suggestion
     assert "moonjax.nn" in r.suggestion
     # with fragments, phase 1 stores the sort's output cotangent instead
-    r = check(sort_loss, RELU_W, RELU_X)
+    r = check(sort_loss, RELU_W, RELU_X, mode="mixed")
     assert r.ok and not r.submersive and r.rules["sort"] == ("fragment",)
 
 
@@ -237,12 +237,12 @@ def test_value_feeding_two_layers_fails_with_a_structure_error():
         h = x + jnp.tanh(x @ w)  # marker
         return jnp.sum(h @ w)
 
-    r = check(loss, jnp.eye(4), RELU_X, fragments=False)
+    r = check(loss, jnp.eye(4), RELU_X, fragments=False, mode="mixed")
     assert not r.ok and isinstance(r.error, moonjax.SpineStructureError)
     assert f"{HERE}:{line_of(loss, '# marker')}" in r.location
     assert "coupling" in r.suggestion
     # by default phase 1 records the residual's output cotangent instead: exact, stored
-    rescued = check(loss, jnp.eye(4), RELU_X)
+    rescued = check(loss, jnp.eye(4), RELU_X, mode="mixed")
     assert rescued.ok and rescued.fragment_bytes > 0
 
 
@@ -259,7 +259,7 @@ def test_argument_and_loss_errors_are_reported_without_groups():
 def test_shapes_are_enough():
     w = jax.ShapeDtypeStruct((2, 4, 4), jnp.float32)
     x = jax.ShapeDtypeStruct((3, 4), jnp.float32)
-    r = check(relu_loss, w, x)
+    r = check(relu_loss, w, x, mode="mixed")
     assert r.ok and not r.submersive
     (relu,) = _groups_at(r, _at(relu_loss, "marker: relu"))
     assert relu.fragment_bytes == 3 * 4 * 4  # float32
@@ -294,13 +294,13 @@ def test_custom_vijp_blocks_are_named_in_the_rules():
 
 
 def test_repr_is_short():
-    assert repr(check(relu_loss, RELU_W, RELU_X, fragments=False)) == (
+    assert repr(check(relu_loss, RELU_W, RELU_X, fragments=False, mode="mixed")) == (
         "CheckReport(ok=False, error=NotSubmersiveError, submersive=False, "
         "fragment_bytes=0, groups=3)")
 
 
 def test_to_dict_is_json_and_mirrors_the_report():
-    r = check(relu_loss, RELU_W, RELU_X)
+    r = check(relu_loss, RELU_W, RELU_X, mode="mixed")
     d = json.loads(r.to_json())
     assert d == r.to_dict()
     assert d["ok"] is True and d["submersive"] is False
@@ -308,7 +308,7 @@ def test_to_dict_is_json_and_mirrors_the_report():
     assert d["fragment_error"]["type"] == "NotSubmersiveError"
     assert d["rules"]["dot_general"] == ["linear"]
     assert [g["role"] for g in d["groups"]] == [g.role for g in r.groups]
-    failed = check(relu_loss, RELU_W, RELU_X, fragments=False).to_dict()
+    failed = check(relu_loss, RELU_W, RELU_X, fragments=False, mode="mixed").to_dict()
     assert failed["error"]["type"] == "NotSubmersiveError" and failed["primitive"] == "max"
 
 
@@ -339,7 +339,7 @@ def test_cli_module_target_ok_exits_0(capsys):
 
 
 def test_cli_file_target_with_kwargs_exits_0_and_shows_fragments(capsys):
-    code, out, _ = _cli(capsys, f"{TARGETS}:relu_net")
+    code, out, _ = _cli(capsys, f"{TARGETS}:relu_net", "--mode", "mixed")
     assert code == 0 and "not submersive" in out
     import check_targets
 
@@ -347,14 +347,15 @@ def test_cli_file_target_with_kwargs_exits_0_and_shows_fragments(capsys):
 
 
 def test_cli_not_ok_exits_1(capsys):
-    code, out, _ = _cli(capsys, f"{TARGETS}:relu_net", "--no-fragments")
+    code, out, _ = _cli(capsys, f"{TARGETS}:relu_net", "--no-fragments", "--mode", "mixed")
     assert code == 1 and "NotSubmersiveError" in out and "check_targets.py:" in out
-    code, out, _ = _cli(capsys, f"{TARGETS}:residual_net", "--no-fragments")
+    code, out, _ = _cli(capsys, f"{TARGETS}:residual_net", "--no-fragments", "--mode",
+                        "mixed")
     assert code == 1 and "SpineStructureError" in out
 
 
 def test_cli_strict_fails_on_fragments(capsys):
-    assert _cli(capsys, f"{TARGETS}:abstract_relu_net", "--strict")[0] == 1
+    assert _cli(capsys, f"{TARGETS}:abstract_relu_net", "--strict", "--mode", "mixed")[0] == 1
     assert _cli(capsys, f"{TARGETS}:abstract_relu_net")[0] == 0
     assert _cli(capsys, "check_targets:leaky_mlp", "--strict")[0] == 0
 

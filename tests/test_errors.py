@@ -75,7 +75,7 @@ def test_cumsum_without_a_rule_is_unsupported_at_its_line():
         return jnp.sum(jnp.tanh(h @ w))
 
     with pytest.raises(moonjax.UnsupportedPrimitiveError) as e:
-        moonjax.moonwalk_grad(loss, fragments=False)(W, X)
+        moonjax.moonwalk_grad(loss, mode="mixed", fragments=False)(W, X)
     assert "cumsum" in _points_at(e, loss, "# marker")
 
 
@@ -97,7 +97,7 @@ def test_a_primitive_inside_an_installed_library_points_at_the_users_call(tmp_pa
         return jnp.sum(jnp.tanh(moonjax_fake_lib.layer(x, w) @ w))  # marker: library call
 
     with pytest.raises(moonjax.UnsupportedPrimitiveError) as e:
-        moonjax.moonwalk_grad(loss, fragments=False)(W, X)
+        moonjax.moonwalk_grad(loss, mode="mixed", fragments=False)(W, X)
     assert "moonjax_fake_lib" not in _points_at(e, loss, "marker: library call")
 
 
@@ -181,7 +181,7 @@ def test_non_submersive_primitives_name_themselves_why_and_where(layer, primitiv
         return jnp.sum(jnp.tanh(layer(x, w) @ w))
 
     with pytest.raises(moonjax.NotSubmersiveError) as e:
-        moonjax.moonwalk_grad(loss, fragments=False)(W, X)
+        moonjax.moonwalk_grad(loss, mode="mixed", fragments=False)(W, X)
     msg = str(e.value)
     assert f"primitive: {primitive}" in msg and reason in msg
     src, start = inspect.getsourcelines(layer)
@@ -217,7 +217,7 @@ def test_residual_at_top_level_points_at_the_user_line():
         return jnp.sum(h @ w)
 
     with pytest.raises(moonjax.SpineStructureError) as e:
-        moonjax.moonwalk_grad(loss, fragments=False)(W, X)
+        moonjax.moonwalk_grad(loss, mode="mixed", fragments=False)(W, X)
     _points_at(e, loss, "# marker")
     # the default records the block's output cotangent (a fragment) and is exact
     got = moonjax.moonwalk_grad(loss)(W, X)
@@ -241,7 +241,7 @@ def test_a_value_entering_one_operation_twice_is_named():
         return jnp.sum(jnp.tanh(jnp.tanh(h) @ jnp.concatenate([w, w], 0)))
 
     with pytest.raises(moonjax.SpineStructureError) as e:
-        moonjax.moonwalk_grad(loss)(W, X)
+        moonjax.moonwalk_grad(loss, mode="mixed")(W, X)
     msg = _points_at(e, loss, "# marker")
     assert "enters the same operation twice" in msg and "concatenate" in msg
 
@@ -260,10 +260,17 @@ def _tanh_loss(w, x):
 
 
 @pytest.mark.parametrize("stream_argnums", [None, 1])
-def test_integer_stream_input_is_an_argument_error(stream_argnums):
+def test_integer_stream_input_is_an_argument_error_where_the_sweep_runs(stream_argnums):
     x_int = jnp.ones((2, 4), jnp.int32)
     with pytest.raises(moonjax.ArgumentError, match="float"):
-        moonjax.moonwalk_grad(_tanh_loss, stream_argnums=stream_argnums)(W, x_int)
+        moonjax.moonwalk_grad(_tanh_loss, stream_argnums=stream_argnums,
+                              mode="mixed")(W, x_int)
+
+
+def test_the_default_takes_an_integer_input_as_jax_grad_does():
+    x_int = jnp.ones((2, 4), jnp.int32)
+    got = moonjax.moonwalk_grad(_tanh_loss)(W, x_int)
+    assert np.allclose(got, jax.grad(_tanh_loss)(W, x_int))
 
 
 def test_integer_stream_input_error_names_the_argument_and_dtype():
@@ -278,9 +285,13 @@ def test_stream_argnums_out_of_range_is_named():
         moonjax.moonwalk_grad(_tanh_loss, stream_argnums=5)(W, X)
 
 
-def test_no_stream_argument_left_is_an_argument_error():
+def test_no_stream_argument_left_is_an_argument_error_where_the_sweep_runs():
     with pytest.raises(moonjax.ArgumentError, match="network input"):
-        moonjax.moonwalk_grad(_tanh_loss, argnums=(0, 1))(W, X)
+        moonjax.moonwalk_grad(_tanh_loss, argnums=(0, 1), mode="mixed")(W, X)
+    # the default differentiates every argument as jax.grad does
+    got = moonjax.moonwalk_grad(_tanh_loss, argnums=(0, 1))(W, X)
+    for a, b in zip(got, jax.grad(_tanh_loss, argnums=(0, 1))(W, X)):
+        assert np.allclose(a, b)
 
 
 # -- argnums ---------------------------------------------------------------------------
@@ -348,16 +359,16 @@ def _singular_loss(w, x):
 
 def test_singular_weight_raises_drift_error_or_gives_nan_without_debug():
     with pytest.raises(moonjax.DriftError, match="drifted non-finite") as e:
-        moonjax.moonwalk_grad(_singular_loss)(SINGULAR, jnp.ones((3, 2)))
+        moonjax.moonwalk_grad(_singular_loss, mode="mixed")(SINGULAR, jnp.ones((3, 2)))
     assert "solves with the weight of `dot_general`" in str(e.value)
-    g = moonjax.moonwalk_grad(_singular_loss, on_drift="nan")(SINGULAR, jnp.ones((3, 2)))
+    g = moonjax.moonwalk_grad(_singular_loss, mode="mixed", on_drift="nan")(SINGULAR, jnp.ones((3, 2)))
     assert np.all(np.isnan(g))
 
 
 def test_debug_names_the_primitive_and_line_of_a_singular_weight():
     with pytest.raises(moonjax.NonFiniteCotangentError) as e:
         jax.block_until_ready(
-            moonjax.moonwalk_grad(_singular_loss, debug=True)(SINGULAR, jnp.ones((3, 2))))
+            moonjax.moonwalk_grad(_singular_loss, mode="mixed", debug=True)(SINGULAR, jnp.ones((3, 2))))
     msg = _points_at(e, _singular_loss, "marker: singular")
     assert "non-finite swept cotangent after `dot_general`" in msg
 
@@ -365,11 +376,11 @@ def test_debug_names_the_primitive_and_line_of_a_singular_weight():
 def test_debug_raises_non_finite_cotangent_error():
     with pytest.raises(moonjax.NonFiniteCotangentError):
         jax.block_until_ready(
-            moonjax.moonwalk_grad(_singular_loss, debug=True)(SINGULAR, jnp.ones((3, 2))))
+            moonjax.moonwalk_grad(_singular_loss, mode="mixed", debug=True)(SINGULAR, jnp.ones((3, 2))))
 
 
 def test_debug_is_silent_for_a_regular_weight():
-    g = moonjax.moonwalk_grad(_singular_loss, debug=True)(W[:2, :2], jnp.ones((3, 2)))
+    g = moonjax.moonwalk_grad(_singular_loss, mode="mixed", debug=True)(W[:2, :2], jnp.ones((3, 2)))
     assert np.allclose(g, jax.grad(_singular_loss)(W[:2, :2], jnp.ones((3, 2))))
 
 

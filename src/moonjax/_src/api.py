@@ -138,23 +138,28 @@ def moonwalk_value_and_grad(
       argnums: which positional argument(s) to differentiate, as in ``jax.grad``.
       has_aux: as in ``jax.grad``.
       stream_argnums: which positional argument(s) hold the network input; by default
-        the first argument after those in ``argnums`` (else the first one not in
-        ``argnums``). May overlap ``argnums`` to also get the
-        input gradient. Labels and masks should stay out of it.
+        the first argument with a float leaf after those in ``argnums`` (else before
+        them). May overlap ``argnums`` to also get the input gradient. Labels and
+        masks should stay out of it. Under the default mode a loss with no float
+        argument besides the differentiated ones (the input closed over) is
+        differentiated in reverse mode.
       mode: the treatment. ``"auto"`` (the default): a static plan of the program
         picks the cheapest exact and stable one (``moonjax.check`` shows it):
         reversible backprop for each ``lax.scan`` over layers that inverts by
         additions and moves (additive couplings, permutations) or elementwise
-        divisions (affine couplings, anchored), checkpointed reverse mode (the carry
+        divisions (affine couplings), and for each run of unrolled layers (a Python
+        loop) that does and would keep less; checkpointed reverse mode (the carry
         stored every ``sqrt(length)`` steps, each block recomputed once) for the other
-        loops, Moonwalk (``"mixed"``) for programs without loops or with many layers
-        outside them. The others force one treatment: ``"mixed"``: a reverse pass for
+        loops; plain reverse mode (``jax.grad``'s) for everything else; Moonwalk
+        (``"mixed"``) where many layers stand outside the loops. The others force
+        one treatment: ``"mixed"``: a reverse pass for
         the input cotangent only, storing what that needs (weights, sign masks), not
         activations, then the sweep. ``"reversible"``: reversible backprop, no sweep:
-        each ``lax.scan`` over layers keeps its final carry only and, going back,
-        rebuilds every step's input by inverting it and takes the step's vjp (the
-        rest of the program, unrolled layers included, is reverse mode); the rebuilt
-        input is checked against the true one like a drift. ``"forward"``: one JVP
+        each ``lax.scan`` over layers and each run of unrolled layers that inverts
+        keeps its output only and, going back, rebuilds every step's input by
+        inverting it and takes the step's vjp (the rest of the program is reverse
+        mode); the rebuilt input is checked against the true one like a drift.
+        ``"forward"``: one JVP
         per entry of the input, storing nothing (time grows with the input size),
         then the sweep.
       fragments: let phase 1 record the exact output cotangent of each spine step that
@@ -174,9 +179,12 @@ def moonwalk_value_and_grad(
         inputs, and leaves volume-preserving ones (additive couplings) alone; ``None``
         never anchors. Reversible backprop (``"reversible"``, and the loops the
         default runs so) stores the carry instead and restarts the inversion there:
-        ``"auto"`` every 16 steps where the inverse only divides elementwise (affine
-        couplings), every 4 where it solves or for a 16-bit carry, never for additions
-        and moves. ``k`` need not divide the loop's length (the last block is shorter).
+        ``"auto"`` every 16 steps where the inverse adds, moves or divides elementwise
+        (additive and affine couplings), every 4 where it solves or for a 16-bit
+        carry; runs of unrolled layers every ``k`` segments with ``k`` near
+        ``sqrt(depth x spine / a layer's activations)``, a block whose rebuilt input
+        drifts recomputed exactly (reverse mode from the kept spine). ``k`` need not
+        divide the loop's length (the last block is shorter).
       batch_axis: in ``"forward"`` mode, ``0`` declares that the examples along axis 0
         of the network input are independent until the loss reduces over them (no
         batch norm, no attention across the batch). Phase 1 then takes one JVP per

@@ -23,6 +23,7 @@ rebuilt only once the segment after it is done.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -256,9 +257,11 @@ def _moves_only(seg: Segment) -> bool:
 
 
 def _with_private(nodes, ins) -> tuple:
-    """``nodes`` and the parameter-only equations that feed them alone (a bias
-    broadcast to the batch, a weight transposed): recomputed with the segment instead
-    of kept as its input."""
+    """``nodes`` and the parameter-only equations that feed them alone and whose
+    outputs weigh at least their inputs (a bias broadcast to the batch, a weight
+    transposed): recomputed with the segment instead of kept as its input. A slice of
+    stacked weights stays outside: the segment keeps its layer's slice, not the stack
+    (whose cotangent would be a zero-padded copy of the stack per segment)."""
     inside = {id(n) for n in nodes}
     spine = {id(v) for v in ins}
     pulled = True
@@ -269,6 +272,8 @@ def _with_private(nodes, ins) -> tuple:
                 p = a.producer if isinstance(a, G.Value) else None
                 if (p is not None and id(a) not in spine and id(p) not in inside
                         and p.primitive.name != "scan"
+                        and sum(map(_bytes, p.outputs)) >= sum(
+                            _bytes(b) for b in p.inputs if isinstance(b, G.Value))
                         and all(id(u) in inside for u, _ in a.uses)
                         and all(all(id(u) in inside for u, _ in o.uses) for o in p.outputs)):
                     nodes = (*nodes, p)
@@ -329,14 +334,13 @@ def _evaluate(nodes, env: dict) -> dict:
     return env
 
 
-def _after(g, fn, operands):
+def _after(g, fn, operands, like):
     """``fn(*operands)`` once the cotangent ``g`` is computed: under a ``lax.cond`` on
-    a predicate read from ``g`` (NaN where ``g`` is NaN), so XLA cannot hoist it."""
+    a predicate read from ``g`` (false where ``g`` is NaN: the outputs, shaped like
+    the arrays ``like``, are NaN then, as they would be), so XLA cannot schedule it
+    earlier."""
     probe = jnp.ravel(g)[0]
-    out = jax.eval_shape(fn, *operands)
-    nan = lambda: jax.tree_util.tree_map(
-        lambda s: jnp.full(s.shape, jnp.nan if jnp.issubdtype(s.dtype, jnp.inexact)
-                           else 0, s.dtype), out)
+    nan = lambda: jax.tree_util.tree_map(lambda x: jnp.full_like(x, jnp.nan), like)
     return lax.cond(probe == probe, lambda ops: fn(*ops), lambda ops: nan(), operands)
 
 
@@ -409,60 +413,60 @@ def reversible_run(run: Run, recompute: bool = False):
             g_in, g_e = pullback(g_out)
             return g_in, dict(zip(mine, g_e))
 
-        def add(total, part):
-            for i, c in part.items():
-                total[i] = c if total.get(i) is None else total[i] + c
-            return total
+        def inverted(s, h_out):
+            """Segment ``s``'s input rebuilt from its output."""
+            seg = segs[s]
+            known = dict(ext_at)
+            known.update(zip(map(id, seg.outs), h_out))
+            targets = [v for v in seg.ins if id(v) not in known]
+            known.update(zip(map(id, targets), invert(graphs[s], known, targets,
+                                                      seg.inversion)))
+            return [known[id(v)] for v in seg.ins]
 
-        def inverted(a, b, h_out, g_out, exact):
-            """Block ``[a, b)`` by inversion from its output: the rebuilt input, the
-            cotangents of its input and externals."""
-            g_ext = {}
-            for s in reversed(range(a, b)):
-                def back(h_out, g_out, s=s):
-                    seg = segs[s]
-                    known = dict(ext_at)
-                    known.update(zip(map(id, seg.outs), h_out))
-                    targets = [v for v in seg.ins if id(v) not in known]
-                    known.update(zip(map(id, targets), invert(
-                        graphs[s], known, targets, seg.inversion)))
-                    h_in = [known[id(v)] for v in seg.ins]
-                    return (h_in, *seg_vjp(s, exact if s == a else h_in, g_out))
-
-                h_out, g_out, part = _after(g_out[0], back, (h_out, g_out))
-                g_ext = add(g_ext, part)
-            return h_out, g_out, g_ext
-
-        def exact_block(a, b, h_in, g_out):
-            """Block ``[a, b)`` as reverse mode from its kept input: each segment's
-            input computed forwards, then each segment's vjp going back."""
-            inputs = [h_in]
+        def computed(a, b, h_in):
+            """The inputs of segments ``a + 1 .. b - 1`` computed forwards from ``h_in``."""
+            inputs = []
             for s in range(a, b - 1):
                 env = dict(ext_at)
-                env.update(zip(map(id, segs[s].ins), inputs[-1]))
+                env.update(zip(map(id, segs[s].ins), h_in))
                 _evaluate(segs[s].nodes, env)
-                inputs.append([env[id(v)] for v in segs[s].outs])
+                h_in = [env[id(v)] for v in segs[s].outs]
+                inputs.append(h_in)
+            return inputs
+
+        def block(a, b, exact, h_out, g_out):
+            """Block ``[a, b)`` going back from its output: its segments' inputs rebuilt
+            by inversion (recomputed forwards from its kept input where they drifted,
+            with ``recompute``), then each segment's vjp. Returns the cotangents of its
+            input and of the externals it reads, and the drift at its start."""
+            inputs = [None] * (b - a)
+            for s in reversed(range(a, b)):
+                h_out = inputs[s - a] = inverted(s, h_out)
+            drift = max_drift(inputs[0], exact)
+            inputs[0] = exact
+            if recompute and b - a > 1:
+                tol = min(recompute_tolerance(jnp.result_type(v)) for v in exact)
+                inputs[1:] = lax.cond(drift > tol, lambda rebuilt: computed(a, b, exact),
+                                      lambda rebuilt: rebuilt, inputs[1:])
             g_ext = {}
             for s in reversed(range(a, b)):
                 g_out, part = seg_vjp(s, inputs[s - a], g_out)
-                g_ext = add(g_ext, part)
-            return g_out, g_ext
+                for i, c in part.items():
+                    g_ext[i] = c if i not in g_ext else g_ext[i] + c
+            return g_out, g_ext, drift
 
         exact_at = dict(zip(starts, [ins, *kept]))
         h, g, g_ext, drifts = list(outs), list(g_outs), {}, []
         for a, b in reversed(blocks):
-            exact, g_end = exact_at[a], g
-            rebuilt, g, part = inverted(a, b, h, g_end, exact)
-            drift = max_drift(rebuilt, exact)
-            if recompute:
-                tol = min(recompute_tolerance(jnp.result_type(v)) for v in exact)
-                g, part = lax.cond(
-                    drift > tol,
-                    lambda ops, a=a, b=b, exact=exact: exact_block(a, b, exact, ops[0]),
-                    lambda ops: ops[1], (g_end, (g, part)))
+            reads_ab = sorted({i for s in range(a, b) for i in reads[s]})
+            like = (exact_at[a], {i: ext[i] for i in reads_ab},
+                    jnp.zeros((), jnp.result_type(float)))
+            g, part, drift = _after(g[0], functools.partial(block, a, b),
+                                    (exact_at[a], h, g), like)
             drifts.append(drift)
-            g_ext = add(g_ext, part)
-            h = exact
+            for i, c in part.items():
+                g_ext[i] = c if i not in g_ext else g_ext[i] + c
+            h = exact_at[a]
         if not recompute:
             D.note_value(meeting, jnp.max(jnp.stack(drifts)))
             if run.amplifier is not None:
