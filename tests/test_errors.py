@@ -361,14 +361,16 @@ def test_singular_weight_raises_drift_error_or_gives_nan_without_debug():
     with pytest.raises(moonjax.DriftError, match="drifted non-finite") as e:
         moonjax.moonwalk_grad(_singular_loss, mode="mixed")(SINGULAR, jnp.ones((3, 2)))
     assert "solves with the weight of `dot_general`" in str(e.value)
-    g = moonjax.moonwalk_grad(_singular_loss, mode="mixed", on_drift="nan")(SINGULAR, jnp.ones((3, 2)))
+    g = moonjax.moonwalk_grad(_singular_loss, mode="mixed", on_drift="nan")(
+        SINGULAR, jnp.ones((3, 2)))
     assert np.all(np.isnan(g))
 
 
 def test_debug_names_the_primitive_and_line_of_a_singular_weight():
     with pytest.raises(moonjax.NonFiniteCotangentError) as e:
         jax.block_until_ready(
-            moonjax.moonwalk_grad(_singular_loss, mode="mixed", debug=True)(SINGULAR, jnp.ones((3, 2))))
+            moonjax.moonwalk_grad(_singular_loss, mode="mixed", debug=True)(
+                SINGULAR, jnp.ones((3, 2))))
     msg = _points_at(e, _singular_loss, "marker: singular")
     assert "non-finite swept cotangent after `dot_general`" in msg
 
@@ -376,7 +378,8 @@ def test_debug_names_the_primitive_and_line_of_a_singular_weight():
 def test_debug_raises_non_finite_cotangent_error():
     with pytest.raises(moonjax.NonFiniteCotangentError):
         jax.block_until_ready(
-            moonjax.moonwalk_grad(_singular_loss, mode="mixed", debug=True)(SINGULAR, jnp.ones((3, 2))))
+            moonjax.moonwalk_grad(_singular_loss, mode="mixed", debug=True)(
+                SINGULAR, jnp.ones((3, 2))))
 
 
 def test_debug_is_silent_for_a_regular_weight():

@@ -489,6 +489,8 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
         graph_aux, invals_aux, pos_aux, unpack = with_aux()
         stream_at = [pos_aux[j] for j in static.stream]
         checkpointed = {}
+        # the plan's unrolled runs, where the plan read this same program
+        runs = program.runs if mode == "auto" and stream_pos and not has_aux else None
         if treatment == "checkpointed":  # the plan's loops, in the traced program
             loops = analyse(graph_aux, stream_at).loops if has_aux else program.loops
             checkpointed = {lp.node.index: lp.anchor_every for lp in loops
@@ -499,7 +501,7 @@ def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Stati
             outs, cts = reversible_backprop(graph_aux, invals_aux, stream_at,
                                             [pos_aux[j] for j in wanted], anchor_every,
                                             checkpointed, fallback=fragments,
-                                            recompute=mode == "auto")
+                                            recompute=mode == "auto", runs=runs)
         loss, aux = unpack(outs)
         value = (loss, aux) if has_aux else loss
         return value, _grads(static, flat, dict(zip(wanted, cts))), measured, treatment

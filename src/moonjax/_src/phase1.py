@@ -58,14 +58,15 @@ def evaluate(graph: G.Graph, invals, bind=None, runs=(), recompute=False):
 
 
 def reversible(graph, invals, stream_pos, diff_pos, anchor_every="auto", checkpointed=None,
-               fallback=False, unrolled=True, recompute=False):
+               fallback=False, unrolled=True, recompute=False, runs=None):
     """Reversible backprop derived from the program: ``(outvals, cotangents of
     diff_pos)``. Every ``lax.scan`` over the stream keeps only its final carry; going
     back, each step's input is rebuilt from its output by inverting the body
     (:mod:`moonjax._src.inverse`) and one vjp of the step gives the input and the
     parameter cotangents at once. With ``unrolled``, every run of unrolled layers that
     inverts (:func:`moonjax._src.unrolled.runs`) is run the same way, one segment at a
-    time. The rest of the program is plain reverse mode.
+    time (``runs``: those the plan found, else found here). The rest of the program is
+    plain reverse mode.
 
     ``anchor_every``: ``k`` stores the carry every ``k`` steps and restarts the
     inversion there; ``"auto"`` as :func:`reversible_anchor` says (none for additions
@@ -86,7 +87,8 @@ def reversible(graph, invals, stream_pos, diff_pos, anchor_every="auto", checkpo
                 if k is not None:
                     checkpointed.setdefault(node.index, k)
 
-    runs = unrolled_runs(graph, dep, anchor_every) if unrolled else ()
+    if runs is None:
+        runs = unrolled_runs(graph, dep, anchor_every) if unrolled else ()
 
     def bind(node, args):
         if node.index in checkpointed:

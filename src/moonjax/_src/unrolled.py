@@ -233,12 +233,18 @@ def segments(graph: G.Graph, dep: set) -> list[Segment]:
 
     found, i = [], 0
     while i < len(cuts) - 1:
+        first = {id(n) for n in sd[cuts[i]:cuts[i + 1]]}
         narrower = [j for j in range(i + 1, len(cuts)) if weight[cuts[j]] <= weight[cuts[i]]]
         for j in narrower[:REACH]:
             seg = piece(i, j)
             if seg.invertible:
                 break
+            if id(_obstacle(seg)) in first:  # every longer segment meets it too
+                j = None
+                break
         else:
+            j = None
+        if j is None:
             j = i + 1
             seg = piece(i, j)
         if found and _moves_only(found[-1]):  # moves alone: joined to the next piece
@@ -250,6 +256,15 @@ def segments(graph: G.Graph, dep: set) -> list[Segment]:
         last, before = found.pop(), found.pop()
         found.append(_segment(before.nodes + last.nodes, before.ins, last.outs))
     return found
+
+
+def _obstacle(seg: Segment):
+    """The equation that keeps ``seg`` from inverting without solves or Newton steps:
+    the one with no inverse, or the first amplifying move that is not a division."""
+    if seg.inversion.stuck is not None:
+        return seg.inversion.stuck
+    return next((m.node for m in seg.inversion.moves if not m.preserving and not (
+        m.kind == "rule" and m.node.primitive in (lax.mul_p, lax.div_p))), None)
 
 
 def _moves_only(seg: Segment) -> bool:

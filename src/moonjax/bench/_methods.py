@@ -62,6 +62,8 @@ def _remat(model: Model) -> GradFn:
 
 
 def _revbackprop(model: Model) -> GradFn:
+    if model.inverse is None:
+        raise MethodUnavailable(f"{model.name} has no inverse")
     return jax.grad(make_loss(model, "reversible"))
 
 

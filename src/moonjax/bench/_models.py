@@ -50,16 +50,22 @@ class Model:
       input_shape: ``(batch, width) -> shape`` of the network input ``x``.
       width: the default feature width (channels for images and sequences).
       batch: the default batch size.
+      unrolled: the layers are a Python loop over a list of per-layer parameters (as
+        most users write them), not a ``lax.scan`` over stacked ones.
+      max_depth: the deepest it is measured at (``None``: any); unrolled programs
+        compile in time that grows with depth.
     """
 
     name: str
     summary: str
     init_layer: Callable[[np.random.Generator, int, int, Any], PyTree]
     layer: Callable[[PyTree, jax.Array], jax.Array]
-    inverse: Callable[[PyTree, jax.Array], jax.Array]
+    inverse: Callable[[PyTree, jax.Array], jax.Array] | None
     input_shape: Callable[[int, int], tuple[int, ...]]
     width: int = 64
     batch: int = 64
+    unrolled: bool = False
+    max_depth: int | None = None
 
 
 # -- shared pieces -------------------------------------------------------------------------
@@ -270,8 +276,36 @@ REV_TRANSFORMER = Model(
 )
 
 
+# -- unrolled: a Python loop over a list of layers ------------------------------------------
+
+UNROLLED_DEPTH = 64
+
+REVNET_UNROLLED = dataclasses.replace(
+    REVNET_MLP, name="revnet_unrolled", unrolled=True, max_depth=UNROLLED_DEPTH,
+    summary="revnet_mlp's coupling written as a Python loop over a list of layers")
+
+
+def _relu_init(rng, depth, width, dtype):
+    return {"w": _dense_init(rng, (depth,), width, width, dtype, gain=math.sqrt(2.0)),
+            "b": np.zeros((depth, width), dtype)}
+
+
+RELU_MLP = Model(
+    name="relu_mlp",
+    summary="ReLU MLP as a Python loop: y = relu(x W + b), W square (He init); no inverse",
+    init_layer=_relu_init,
+    layer=lambda p, h: jax.nn.relu(h @ p["w"] + p["b"]),
+    inverse=None,
+    input_shape=lambda batch, width: (batch, width),
+    batch=MLP_BATCH,
+    unrolled=True,
+    max_depth=UNROLLED_DEPTH,
+)
+
+
 MODELS: dict[str, Model] = {
-    m.name: m for m in (REVNET_MLP, LEAKY_MLP, CONV_REVNET, REV_TRANSFORMER)
+    m.name: m for m in (REVNET_MLP, LEAKY_MLP, CONV_REVNET, REV_TRANSFORMER,
+                        REVNET_UNROLLED, RELU_MLP)
 }
 
 
@@ -279,24 +313,28 @@ MODELS: dict[str, Model] = {
 
 
 def init_params(model: Model, seed: int, depth: int, width: int, dtype=jnp.float32) -> PyTree:
-    """``{"layers": θ stacked on a leading axis of size depth, "head": W_out}``."""
+    """``{"layers": θ stacked on a leading axis of size depth, "head": W_out}``; for an
+    unrolled model ``"layers"`` is a list of each layer's own ``θ``."""
     if width % 2 or width < N_CLASSES:
         raise ValueError(f"width must be even and >= {N_CLASSES}, got {width}")
     rng = np.random.default_rng([seed, 0])
     layers = model.init_layer(rng, depth, width, np.dtype(dtype))
     head = _dense_init(rng, (), width, N_CLASSES, np.dtype(dtype))
+    if model.unrolled:
+        layers = [jax.tree_util.tree_map(lambda a, i=i: a[i], layers) for i in range(depth)]
     return jax.tree_util.tree_map(jnp.asarray, {"layers": layers, "head": head})
 
 
 def param_shapes(model: Model, depth: int, width: int, dtype=jnp.float32) -> PyTree:
     """The :class:`jax.ShapeDtypeStruct` s of :func:`init_params` (nothing is allocated)."""
     one = init_params(model, 0, 1, width, dtype)
-    return {
-        "layers": jax.tree_util.tree_map(
-            lambda a: jax.ShapeDtypeStruct((depth, *a.shape[1:]), a.dtype), one["layers"]
-        ),
-        "head": jax.ShapeDtypeStruct(one["head"].shape, one["head"].dtype),
-    }
+    sds = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+    if model.unrolled:
+        layers = [jax.tree_util.tree_map(sds, one["layers"][0])] * depth
+    else:
+        layers = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct((depth, *a.shape[1:]), a.dtype), one["layers"])
+    return {"layers": layers, "head": sds(one["head"])}
 
 
 def make_data(
@@ -355,14 +393,57 @@ def reversible_stack(layer: Callable, inverse: Callable) -> Callable:
 STACKS = ("plain", "remat", "reversible")
 
 
+def _unrolled(layer, layers, h):
+    for p in layers:
+        h = layer(p, h)
+    return h
+
+
+def reversible_list(layer: Callable, inverse: Callable) -> Callable:
+    """:func:`reversible_stack` for a Python list of layers: the hand-written
+    reversible backprop of an unrolled stack."""
+
+    @jax.custom_vjp
+    def run(layers, h):
+        return _unrolled(layer, layers, h)
+
+    def run_fwd(layers, h):
+        out = _unrolled(layer, layers, h)
+        return out, (layers, out)
+
+    def run_bwd(res, g):
+        layers, y = res
+        grads = []
+        for p in reversed(layers):
+            x = inverse(p, y)
+            _, pullback = jax.vjp(layer, p, x)
+            g_p, g = pullback(g)
+            grads.append(g_p)
+            y = x
+        return grads[::-1], g
+
+    run.defvjp(run_fwd, run_bwd)
+    return run
+
+
 def make_loss(model: Model, stack: str = "plain") -> Callable:
     """``loss(params, x, y)`` with the stack run as ``stack`` (one of :data:`STACKS`)."""
-    if stack == "plain":
+    if model.unrolled:
+        if stack == "plain":
+            run = lambda layers, h: _unrolled(model.layer, layers, h)
+        elif stack == "remat":
+            run = lambda layers, h: _unrolled(jax.checkpoint(model.layer), layers, h)
+        elif stack == "reversible" and model.inverse is not None:
+            run = reversible_list(model.layer, model.inverse)
+        else:
+            raise ValueError(f"stack must be one of {STACKS} (reversible needs an "
+                             f"inverse), got {stack!r}")
+    elif stack == "plain":
         run = lambda layers, h: _scan(model.layer, layers, h)
     elif stack == "remat":
         body = jax.checkpoint(lambda c, p: (model.layer(p, c), None))
         run = lambda layers, h: lax.scan(body, h, layers)[0]
-    elif stack == "reversible":
+    elif stack == "reversible" and model.inverse is not None:
         run = reversible_stack(model.layer, model.inverse)
     else:
         raise ValueError(f"stack must be one of {STACKS}, got {stack!r}")

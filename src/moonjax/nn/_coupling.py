@@ -23,11 +23,12 @@ def _check_even(layer_name: str, features: int) -> int:
 
 def _init_coupling(layer, features, hidden, outputs, rngs, side, param_dtype) -> None:
     """Check ``features`` and give ``layer`` its side network: ``side``, or an MLP from
-    one half to ``outputs`` halves."""
+    one half to ``outputs`` halves whose output layer starts at zero (the coupling starts
+    at its identity, or its fixed scale: deep stacks invert exactly at initialisation)."""
     half = _check_even(type(layer).__name__, features)
     layer.features = features
     layer.side = side if side is not None else MLP(half, hidden, outputs * half, rngs=rngs,
-                                                   param_dtype=param_dtype)
+                                                   param_dtype=param_dtype, zero_out=True)
 
 
 class AdditiveCoupling(Invertible):

@@ -23,6 +23,9 @@ class MLP(nnx.Module):
       rngs: random streams for the initialisers.
       activation: the nonlinearity (default ``jax.nn.gelu``; ``jnp.tanh`` also works).
       param_dtype: dtype of the parameters.
+      zero_out: initialise the output layer to zero, so the network starts at 0 (the
+        couplings' default: each starts at its identity or a fixed scale, as in Glow,
+        and a deep stack inverts to float rounding at initialisation).
 
     Example:
       >>> mlp = MLP(4, 16, 4, rngs=nnx.Rngs(0))
@@ -39,9 +42,12 @@ class MLP(nnx.Module):
         rngs: nnx.Rngs,
         activation: Callable[[jax.Array], jax.Array] = jax.nn.gelu,
         param_dtype: jnp.dtype = jnp.float32,
+        zero_out: bool = False,
     ):
         self.hidden = nnx.Linear(in_features, hidden, rngs=rngs, param_dtype=param_dtype)
-        self.out = nnx.Linear(hidden, out_features, rngs=rngs, param_dtype=param_dtype)
+        init = {"kernel_init": nnx.initializers.zeros_init()} if zero_out else {}
+        self.out = nnx.Linear(hidden, out_features, rngs=rngs, param_dtype=param_dtype,
+                              **init)
         self.activation = activation
 
     def __call__(self, x: jax.Array) -> jax.Array:
