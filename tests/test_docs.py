@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,11 @@ def test_python_snippets_run(page, tmp_path, monkeypatch):
     assert blocks, f"{page} has no python blocks"
     monkeypatch.chdir(tmp_path)  # snippets may write files
     saved = dict(vijp_rules)
-    namespace: dict = {"__name__": f"docs_{page}"}
+    # a module of its own, so that the snippets' classes (dataclasses, eqx.Module) can
+    # find it in sys.modules
+    module = types.ModuleType(f"docs_{page[:-3]}")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    namespace = module.__dict__
     try:
         for i, block in enumerate(blocks):
             try:
@@ -81,3 +86,12 @@ def test_python_snippets_run(page, tmp_path, monkeypatch):
     finally:  # snippets may register rules: leave the registry as it was
         vijp_rules.clear()
         vijp_rules.update(saved)
+
+
+def test_api_reference_lists_every_public_name():
+    import moonjax
+
+    page = (DOCS / "api" / "moonjax.md").read_text()
+    listed = set(re.findall(r"^\s+- (\w+)$", page, re.M))
+    missing = sorted(set(moonjax.__all__) - listed)
+    assert not missing, f"docs/api/moonjax.md does not list {missing}"

@@ -333,7 +333,7 @@ def _temp(fn, args) -> int:
     return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", sorted(CORPUS))
 def test_default_equals_jax_grad_in_float64(name, seed, x64):
     loss, args, opts = CORPUS[name](seed)

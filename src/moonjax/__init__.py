@@ -24,6 +24,7 @@ from moonjax._src.errors import (
     from_runtime_error,
 )
 from moonjax._src.fidelity import FidelityReport, fidelity
+from moonjax._src.filtered import filter_grad, filter_value_and_grad
 from moonjax._src.rules import register_vijp
 
 __version__ = "0.1.0"
@@ -43,6 +44,8 @@ __all__ = [
     "check",
     "custom_vijp",
     "fidelity",
+    "filter_grad",
+    "filter_value_and_grad",
     "from_runtime_error",
     "moonwalk_grad",
     "moonwalk_value_and_grad",

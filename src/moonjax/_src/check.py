@@ -244,6 +244,8 @@ class CheckReport:
             opts += f" -> {_TREATMENTS[self.treatment]}"
         if not self.ok:
             return f"moonjax check: FAILED ({opts}): {type(self.error).__name__}"
+        if self.treatment == "reverse":
+            return f"moonjax check: OK ({opts}): no sweep, nothing recorded"
         if self.submersive:
             return f"moonjax check: OK ({opts}): every layer is submersive, no fragments"
         return (f"moonjax check: OK ({opts}): not submersive, phase 1 stores "

@@ -74,9 +74,15 @@ _LIBRARY_DIRS = tuple(os.sep + d + os.sep for d in ("site-packages", "dist-packa
 _FRAMES = 64  # how far up the stack to look for the user's line
 
 
+# moonjax's own source: its frames are not the user's line (an editable install is not
+# under site-packages)
+_OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
 def user_line(source_info) -> str | None:
-    """The innermost ``file:line`` of ``source_info`` outside JAX and installed
-    libraries, or None when there is none."""
+    """The innermost ``file:line`` of ``source_info`` outside JAX, moonjax and installed
+    libraries, relative to the working directory where it lies under it; None when
+    there is none."""
     if source_info is None:
         return None
     try:
@@ -85,9 +91,18 @@ def user_line(source_info) -> str | None:
         return None
     lines = [ln for ln in lines if ln and ln != "unknown"]
     for line in reversed(lines):  # innermost last
-        if not any(d in line for d in _LIBRARY_DIRS):
-            return line
+        if not any(d in line for d in _LIBRARY_DIRS) and not line.startswith(_OWN_DIR):
+            return _relative(line)
     return None
+
+
+def _relative(line: str) -> str:
+    """``line`` with the working directory's prefix removed."""
+    try:
+        here = os.getcwd() + os.sep
+    except OSError:  # pragma: no cover - the working directory was removed
+        return line
+    return line[len(here):] if line.startswith(here) else line
 
 
 def where(source_info) -> str:
