@@ -1,5 +1,7 @@
 """Test configuration: float64 references, and slow benchmarks behind --runslow."""
 
+import pathlib
+
 import jax
 import pytest
 
@@ -29,7 +31,25 @@ def pytest_addoption(parser):
                      help="also run tests marked slow (benchmarks)")
 
 
+# Tests measured slow (tests/slow.txt, one node id a line): the slowest tests of a
+# `pytest --durations=0` run on 2 cores, leaving each parametrized test's cheapest case in
+# the default run, until that run takes under 7 minutes. They run with --runslow (CI).
+SLOW_LIST = pathlib.Path(__file__).with_name("slow.txt")
+
+
+def _measured_slow() -> set[str]:
+    if not SLOW_LIST.exists():
+        return set()
+    lines = (ln.strip() for ln in SLOW_LIST.read_text().splitlines())
+    return {ln for ln in lines if ln and not ln.startswith("#")}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m slow` selects by the markers
 def pytest_collection_modifyitems(config, items):
+    measured = _measured_slow()
+    for item in items:
+        if item.nodeid in measured:
+            item.add_marker(pytest.mark.slow)
     if config.getoption("--runslow"):
         return
     skip = pytest.mark.skip(reason="slow: run with --runslow")

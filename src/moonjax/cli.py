@@ -1,6 +1,6 @@
 """The ``moonjax`` command: ``moonjax <command> [flags]``.
 
-:data:`COMMANDS` lists the sub-commands; each names the module that adds its flags
+``COMMANDS`` lists the sub-commands; each names the module that adds its flags
 and runs it.
 """
 

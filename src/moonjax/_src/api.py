@@ -60,7 +60,7 @@ def _normalize_argnums(argnums, nargs: int, name: str) -> tuple[int, ...]:
 def _checked_at_call(run, dynamic):
     """Run, wait for the result, and turn the run-time checks (host callbacks that
     raise: the drift check, ``debug``'s NaN/Inf and ``batch_axis`` checks) into
-    :class:`DriftError`, :class:`NonFiniteCotangentError` or :class:`ArgumentError` at
+    ``DriftError``, ``NonFiniteCotangentError`` or ``ArgumentError`` at
     the caller's line. Under an outer ``jax.jit`` nothing waits: the same message
     arrives inside JAX's ``JaxRuntimeError`` when the result is used."""
     try:
@@ -124,7 +124,7 @@ def moonwalk_value_and_grad(
     on_drift: str = "raise",
     debug: bool = False,
 ) -> Callable:
-    """Like :func:`jax.value_and_grad`, computed by Moonwalk.
+    """Like ``jax.value_and_grad``, computed by Moonwalk.
 
     Phase 1 computes the exact cotangent ``g₀ = ∂ℓ/∂x`` of the network input ``x``
     (the *stream*: by default the float leaves of the first positional argument after
@@ -197,13 +197,13 @@ def moonwalk_value_and_grad(
         and is not returned. ``None``: by the network input's dtype, float32 1.5e-5
         (128 eps), float64 1e-9, 16-bit 64 of their eps.
       on_drift: ``"raise"`` (default): a drift beyond the tolerance raises
-        :class:`moonjax.DriftError` naming where it was measured, the steps that
+        ``moonjax.DriftError`` naming where it was measured, the steps that
         amplify rounding with their source lines, and what to do; the call waits for
         its result to check (under an outer ``jax.jit`` nothing waits, and the message
         arrives in JAX's ``JaxRuntimeError`` when the result is used:
         ``moonjax.from_runtime_error`` turns it back). ``"nan"``: every gradient
         is NaN instead, with no host callback.
-      debug: raise :class:`moonjax.NonFiniteCotangentError` if a swept cotangent is
+      debug: raise ``moonjax.NonFiniteCotangentError`` if a swept cotangent is
         NaN/Inf (a singular weight), like ``jax_debug_nans``, naming the primitive and
         the source line. The call then waits for its result; under an outer
         ``jax.jit`` the same message arrives in JAX's ``JaxRuntimeError``.
@@ -211,6 +211,10 @@ def moonwalk_value_and_grad(
     Returns:
       A function with the signature of ``fun`` returning ``(value, grads)``
       (``((value, aux), grads)`` with ``has_aux``).
+
+    Raises:
+      moonjax.ArgumentError, moonjax.LossShapeError, moonjax.DriftError and, with
+      ``fragments=False``, the structure errors: as ``moonwalk_grad`` says.
 
     Example:
       >>> import jax, jax.numpy as jnp, moonjax
@@ -371,7 +375,7 @@ def _auto_anchors(graph, stream_pos, steps) -> dict:
 
 @contextlib.contextmanager
 def _reporting(active: bool):
-    """The sweep's steps (:data:`REPORT`) while the block runs, if ``active``."""
+    """The sweep's steps (``REPORT``) while the block runs, if ``active``."""
     steps: list = []
     token = REPORT.set(steps if active else None)
     try:
@@ -382,7 +386,7 @@ def _reporting(active: bool):
 
 def _sweep_needs(graph, stream_pos, run_sweep, fragments: bool, anchor_every):
     """What mixed phase 1 records for the sweep: ``(fragments, anchors)``. One abstract
-    pass of the sweep (shapes only, under :func:`jax.eval_shape`: none of it runs)
+    pass of the sweep (shapes only, under ``jax.eval_shape``: none of it runs)
     finds the spine steps it cannot invert (the fragments, with ``fragments``; without,
     the first such step raises here) and the steps it crosses; the anchored loops are
     every top-level loop over the stream for an int ``anchor_every``, those whose swept
@@ -589,11 +593,34 @@ def moonwalk_grad(
     on_drift: str = "raise",
     debug: bool = False,
 ) -> Callable:
-    """Like :func:`jax.grad`, computed by Moonwalk (inverse-forward differentiation).
+    """Like ``jax.grad``, computed by Moonwalk (inverse-forward differentiation).
 
     Same contract as ``jax.grad``: ``argnums`` int or tuple, ``has_aux``, pytrees,
-    works under ``jax.jit`` and ``jax.vmap``. See :func:`moonwalk_value_and_grad` for
-    the method and the extra options.
+    works under ``jax.jit`` and ``jax.vmap``. See ``moonwalk_value_and_grad`` for
+    the method.
+
+    Args:
+      fun: the loss, returning a real scalar (or ``(loss, aux)`` with ``has_aux``).
+      argnums: which positional argument(s) to differentiate, as in ``jax.grad``.
+      has_aux: as in ``jax.grad``.
+      stream_argnums, mode, fragments, anchor_every, batch_axis, drift_tol, on_drift,
+        debug: as in ``moonwalk_value_and_grad``.
+
+    Returns:
+      A function with the signature of ``fun`` returning the gradients (``(grads,
+      aux)`` with ``has_aux``), shaped like the arguments in ``argnums``.
+
+    Raises:
+      moonjax.ArgumentError: an invalid option (when the transform is made) or argument
+        (when it is called: ``argnums`` out of range, a non-float argument to
+        differentiate).
+      moonjax.LossShapeError: ``fun`` does not return a real scalar.
+      moonjax.DriftError: the self-check found the gradient inaccurate (``on_drift=
+        "raise"``); inside an outer ``jax.jit`` it arrives in a
+        ``jax.errors.JaxRuntimeError`` (``moonjax.from_runtime_error``).
+      moonjax.NotSubmersiveError, moonjax.SpineStructureError,
+        moonjax.UnsupportedPrimitiveError: with ``fragments=False``, where the sweep
+        cannot cross a layer.
 
     Example:
       >>> import jax, jax.numpy as jnp, moonjax
@@ -618,11 +645,26 @@ def moonwalk_grad(
 def vijp(fun: Callable, *primals: Any, debug: bool = False):
     """The vector–inverse-Jacobian product of a submersive ``fun`` at ``primals``.
 
-    Returns ``(out, vijp_fn)``. ``vijp_fn(g_in)`` takes cotangents shaped like
-    ``primals`` and returns the unique output cotangent ``g_out`` with
-    ``jax.vjp(fun, *primals)[1](g_out) == g_in`` — the inverse of the vjp. It exists
-    when ``fun``'s Jacobian is surjective (an invertible layer, or one that lowers the
-    dimension with full rank) and ``g_in`` lies in the Jacobian's row space.
+    ``vijp_fn(g_in)`` takes cotangents shaped like ``primals`` and returns the unique
+    output cotangent ``g_out`` with ``jax.vjp(fun, *primals)[1](g_out) == g_in`` — the
+    inverse of the vjp. It exists when ``fun``'s Jacobian is surjective (an invertible
+    layer, or one that lowers the dimension with full rank) and ``g_in`` lies in the
+    Jacobian's row space.
+
+    Args:
+      fun: the function (a layer, or a stack of them).
+      *primals: where to linearise it: float arrays or pytrees of them.
+      debug: raise ``moonjax.NonFiniteCotangentError`` at the first non-finite swept
+        cotangent (a singular weight), naming its primitive and line.
+
+    Returns:
+      ``(out, vijp_fn)``: ``fun(*primals)`` and the inverse of its vjp.
+
+    Raises:
+      moonjax.ArgumentError: a primal is not a float array, or ``vijp_fn`` gets
+        cotangents shaped unlike the primals.
+      moonjax.NotSubmersiveError: ``fun`` is not submersive at a layer (when
+        ``vijp_fn`` is called).
 
     Example:
       >>> import jax.numpy as jnp, moonjax
@@ -668,7 +710,7 @@ _custom_ids = itertools.count()
 
 
 class custom_vijp:
-    """A block with a hand-written vijp, like :func:`jax.custom_vjp`.
+    """A block with a hand-written vijp, like ``jax.custom_vjp``.
 
     The decorated function's first argument is the spine (any pytree of float arrays);
     the others are parameters or side inputs. ``defvijp(rule)`` sets
@@ -676,6 +718,12 @@ class custom_vijp:
     first argument, the unique cotangent of its output. Parameter cotangents are then
     pulled back through the block with ordinary reverse mode, and ``jax.grad`` of the
     block is unaffected.
+
+    Args:
+      fun: the block, ``fun(x, *others)``.
+
+    Raises:
+      moonjax.ArgumentError: the block is called before ``defvijp`` gave it a rule.
 
     Example:
       >>> import jax.numpy as jnp, moonjax

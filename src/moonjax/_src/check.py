@@ -4,7 +4,7 @@
 no array is computed, nothing is compiled) and reports
 
 * whether Moonwalk can differentiate the model (``ok``), and if not the first
-  :class:`~moonjax.MoonjaxError` with the primitive, the user's ``file:line`` and a fix;
+  ``MoonjaxError`` with the primitive, the user's ``file:line`` and a fix;
 * the sweep's decisions grouped per layer (one group per source line, one per ``scan``
   body): which groups are on the *spine* (inverted by a vijp rule or as an
   elementwise region), which are *side* branches (reverse mode inside the layer) and
@@ -15,7 +15,7 @@ no array is computed, nothing is compiled) and reports
 
 The public trace (``jax.make_jaxpr`` of the real transform) decides ``ok``; a second,
 analysis-only trace runs the sweep on the flattened loss with
-:data:`moonjax._src.sweep.REPORT` set, to collect the :class:`~moonjax._src.sweep.Step` s.
+``moonjax._src.sweep.REPORT`` set, to collect the ``Step`` s.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class LayerGroup:
         weights or divides by derivatives, restarted from an exact cotangent every few
         steps),
         ``"drift-checked"`` (it may amplify rounding; the call's drift check raises
-        :class:`moonjax.DriftError` if it did), ``"exact"`` (reverse mode, or a fragment
+        ``moonjax.DriftError`` if it did), ``"exact"`` (reverse mode, or a fragment
         phase 1 recorded).
       treatment: for a loop, what the plan gives it and why: ``"reversible backprop
         (...)"`` (one carry kept, nothing per step) or ``"moonwalk (...)"``.
@@ -161,11 +161,11 @@ class LayerGroup:
 
 @dataclasses.dataclass(frozen=True)
 class CheckReport:
-    """What :func:`check` found. ``str(report)`` is a readable table.
+    """What ``check`` found. ``str(report)`` is a readable table.
 
     Attributes:
       ok: ``moonwalk_grad`` with these options can differentiate the model.
-      error: the :class:`~moonjax.MoonjaxError` it would raise, else ``None``.
+      error: the ``MoonjaxError`` it would raise, else ``None``.
       primitive, location: the primitive and the user's ``file:line`` of ``error`` (or,
         when the model is ok but not submersive, of the first layer that needs a
         fragment); ``None`` if not known.
@@ -459,7 +459,7 @@ def _amplifies(group: LayerGroup) -> bool:
 
 
 def _with_stability(groups, mode: str, anchor_every) -> tuple[LayerGroup, ...]:
-    """The groups with their ``stability`` filled in (see :class:`LayerGroup`)."""
+    """The groups with their ``stability`` filled in (see ``LayerGroup``)."""
     from moonjax._src.api import AUTO_ANCHOR
 
     out = []
@@ -640,8 +640,8 @@ def check(
     """Check, without running it, how Moonwalk differentiates ``loss(*args, **kwargs)``.
 
     Traces ``moonjax.moonwalk_grad(loss, argnums, has_aux, stream_argnums=...,
-    mode=..., fragments=...)(*args, **kwargs)`` with :func:`jax.make_jaxpr` — nothing
-    is computed or compiled, so ``args`` may be :class:`jax.ShapeDtypeStruct` s — and
+    mode=..., fragments=...)(*args, **kwargs)`` with ``jax.make_jaxpr`` — nothing
+    is computed or compiled, so ``args`` may be ``jax.ShapeDtypeStruct`` s — and
     reports whether that succeeds, the first error otherwise (primitive, the user's
     ``file:line`` and a suggested fix), the sweep's decisions per layer group (spine,
     side branch, head; the vijp rule of each spine primitive) and the fragments phase
@@ -655,7 +655,7 @@ def check(
       **kwargs: keyword arguments of ``loss``.
 
     Returns:
-      A :class:`CheckReport`; ``report.ok`` says whether ``moonwalk_grad`` works.
+      A ``CheckReport``; ``report.ok`` says whether ``moonwalk_grad`` works.
 
     Example:
       >>> import jax.numpy as jnp, moonjax

@@ -1,7 +1,7 @@
 """The ``moonjax check`` command line: ``moonjax check module:function``.
 
-:data:`DESCRIPTION` states the contract of the target. This module only parses flags
-and loads the target; :mod:`moonjax._src.check` is imported when the command runs.
+``DESCRIPTION`` states the contract of the target. This module only parses flags
+and loads the target; ``moonjax._src.check`` is imported when the command runs.
 """
 
 from __future__ import annotations

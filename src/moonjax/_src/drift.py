@@ -10,7 +10,7 @@ recorded — the difference between the two is a measurement of that growth:
    \\text{drift} = \\frac{\\lVert \\hat g - g \\rVert}{\\lVert g \\rVert}
 
 with ``ĝ`` the swept and ``g`` the exact cotangent. Every call computes it (a few
-reductions of values the sweep already holds); :func:`guard` turns a drift beyond the
+reductions of values the sweep already holds); ``guard`` turns a drift beyond the
 tolerance into an error at run time or NaN gradients, never a silently wrong result.
 """
 
@@ -82,7 +82,7 @@ def measuring():
 def relative(swept, exact, floor=None):
     """``‖swept - exact‖ / ‖exact‖`` as a float32 (float64 under x64) scalar; NaN or
     Inf in ``swept`` give a non-finite drift. Scaled by ``max|exact|`` against overflow.
-    ``floor``: a norm (:func:`norm`) the denominator is at least (a log-determinant
+    ``floor``: a norm (``norm``) the denominator is at least (a log-determinant
     accumulator starts at zero: its error is measured against what it grows to)."""
     dtype = jnp.promote_types(jnp.result_type(exact), jnp.float32)
     swept, exact = jnp.asarray(swept, dtype), jnp.asarray(exact, dtype)
@@ -105,7 +105,7 @@ def norm(x):
 
 def note(meeting: Meeting, swept, exact) -> None:
     """Record the drift between a swept and an exact cotangent (no-op outside
-    :func:`measuring`, and for the pieces without a float cotangent)."""
+    ``measuring``, and for the pieces without a float cotangent)."""
     meetings = _MEETINGS.get()
     if meetings is None or swept is None or exact is None:
         return

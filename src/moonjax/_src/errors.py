@@ -1,6 +1,6 @@
 """The one error hierarchy of moonjax.
 
-Every error moonjax raises on purpose is a :class:`MoonjaxError`. Errors that come
+Every error moonjax raises on purpose is a ``MoonjaxError``. Errors that come
 from an equation of the user's program name the primitive and the user's source
 line (JAX keeps ``source_info`` on every equation) and say what to do.
 """
@@ -135,6 +135,21 @@ def from_runtime_error(error: Exception) -> MoonjaxError | None:
             state = train_step(state, batch)
         except jax.errors.JaxRuntimeError as e:
             raise (moonjax.from_runtime_error(e) or e) from None
+
+    Args:
+      error: the exception a jitted call raised.
+
+    Returns:
+      The ``DriftError``, ``NonFiniteCotangentError``, ``ArgumentError`` or
+      ``NotPermutationError`` whose message ``error`` carries, or ``None`` when it
+      carries none (the error is not moonjax's).
+
+    Example:
+      >>> import moonjax
+      >>> moonjax.from_runtime_error(RuntimeError("moonjax: inaccurate gradient: ..."))
+      DriftError('moonjax: inaccurate gradient: ...')
+      >>> moonjax.from_runtime_error(ValueError("something else")) is None
+      True
     """
     import re
 

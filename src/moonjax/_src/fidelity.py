@@ -27,7 +27,7 @@ __all__ = ["FidelityReport", "fidelity"]
 
 @dataclasses.dataclass(frozen=True)
 class FidelityReport:
-    """The result of :func:`fidelity`. Errors are relative 2-norm errors.
+    """The result of ``fidelity``. Errors are relative 2-norm errors.
 
     Attributes:
       reference: ``"float64"`` (``jax.grad`` on the inputs cast to float64) or
@@ -41,7 +41,7 @@ class FidelityReport:
       options: the ``moonwalk_grad`` options that were checked.
       drifts: the sweep's self-check, per place it met an exact cotangent (the loss
         head, an anchor, a recorded fragment): ``description -> drift``. The call
-        itself raises :class:`moonjax.DriftError` when one exceeds ``drift_tol``;
+        itself raises ``moonjax.DriftError`` when one exceeds ``drift_tol``;
         ``fidelity`` reports instead (its gradient is the unchecked one).
       drift_tol: the tolerance those drifts are held to.
       amplifiers: the swept steps that can amplify rounding (solves with a weight,
@@ -176,7 +176,7 @@ def fidelity(
         ``stream_argnums``, ``fragments``).
 
     Returns:
-      A :class:`FidelityReport`; ``print`` it, or test ``report.ok()``.
+      A ``FidelityReport``; ``print`` it, or test ``report.ok()``.
 
     Example:
       >>> import jax.numpy as jnp, moonjax

@@ -4,7 +4,7 @@ An Equinox model is a pytree that holds its weights beside functions (an
 ``eqx.nn.MLP``'s activation), integers and flags. ``filter_grad`` splits its first
 argument into the floating-point arrays, which are differentiated, and everything else,
 which is held fixed, as ``equinox.filter_grad`` does, then runs
-:func:`~moonjax.moonwalk_value_and_grad` on the arrays. Equinox itself is not needed.
+``moonwalk_value_and_grad`` on the arrays. Equinox itself is not needed.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ jax.tree_util.register_static(_Fixed)
 
 def _partition(tree):
     """``(arrays, rest)``: two trees shaped like ``tree``, each ``None`` where the other
-    has the leaf; the leaves of ``rest`` that are not arrays are :class:`_Fixed`."""
+    has the leaf; the leaves of ``rest`` that are not arrays are ``_Fixed``."""
     arrays = jax.tree_util.tree_map(lambda x: x if _is_inexact_array(x) else None, tree)
     rest = jax.tree_util.tree_map(
         lambda x: None if _is_inexact_array(x) else x
@@ -61,7 +61,7 @@ def _combine(arrays, rest):
 
 
 def filter_value_and_grad(fun: Callable, *, has_aux: bool = False, **options) -> Callable:
-    """Like ``equinox.filter_value_and_grad``, computed by :func:`moonwalk_value_and_grad`.
+    """Like ``equinox.filter_value_and_grad``, computed by ``moonwalk_value_and_grad``.
 
     The floating-point arrays among the leaves of the first positional argument are
     differentiated; its other leaves (functions, integers, flags, non-float arrays) are
@@ -72,14 +72,14 @@ def filter_value_and_grad(fun: Callable, *, has_aux: bool = False, **options) ->
       fun: the loss, ``fun(model, *args, **kwargs)``, returning a real scalar (or
         ``(loss, aux)`` with ``has_aux``).
       has_aux: as in ``jax.value_and_grad``.
-      **options: the keyword options of :func:`moonwalk_value_and_grad` (``mode``,
+      **options: the keyword options of ``moonwalk_value_and_grad`` (``mode``,
         ``anchor_every``, ``drift_tol``, ``on_drift``, ...).
 
     Returns:
       A function with ``fun``'s signature returning ``(value, grads)``.
 
     Raises:
-      moonjax.ArgumentError: an option of :func:`moonwalk_value_and_grad` is invalid.
+      moonjax.ArgumentError: an option of ``moonwalk_value_and_grad`` is invalid.
 
     Example:
       >>> import jax, jax.numpy as jnp, moonjax
@@ -108,21 +108,21 @@ def filter_value_and_grad(fun: Callable, *, has_aux: bool = False, **options) ->
 
 
 def filter_grad(fun: Callable, *, has_aux: bool = False, **options) -> Callable:
-    """Like ``equinox.filter_grad``, computed by :func:`moonwalk_value_and_grad`.
+    """Like ``equinox.filter_grad``, computed by ``moonwalk_value_and_grad``.
 
-    See :func:`filter_value_and_grad` for what is differentiated.
+    See ``filter_value_and_grad`` for what is differentiated.
 
     Args:
       fun: the loss, ``fun(model, *args, **kwargs)``.
       has_aux: as in ``jax.grad``: the result is then ``(grads, aux)``.
-      **options: the keyword options of :func:`moonwalk_value_and_grad`.
+      **options: the keyword options of ``moonwalk_value_and_grad``.
 
     Returns:
       A function with ``fun``'s signature returning the gradients (``(grads, aux)``
       with ``has_aux``).
 
     Raises:
-      moonjax.ArgumentError: an option of :func:`moonwalk_value_and_grad` is invalid.
+      moonjax.ArgumentError: an option of ``moonwalk_value_and_grad`` is invalid.
 
     Example:
       >>> import jax.numpy as jnp, moonjax

@@ -1,6 +1,6 @@
 """A flat data-flow graph of a jaxpr, the form every moonjax pass works on.
 
-``flatten`` turns a closed jaxpr into a :class:`Graph` of :class:`Node` s, inlining
+``flatten`` turns a closed jaxpr into a ``Graph`` of ``Node`` s, inlining
 call-like primitives (nested ``jit``, ``custom_jvp_call``, ``custom_vjp_call``,
 ``remat``, ``closed_call``) so that the spine/side analysis sees one graph. Each node
 keeps the ``source_info`` of the user's equation. ``scan`` stays one node: its body

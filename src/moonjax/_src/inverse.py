@@ -4,7 +4,7 @@
 whichever direction they are known, like an inverse interpreter: a node whose inputs
 are all known is evaluated (side branches, parameter-only code); a node whose outputs
 are known and which has one unknown input is inverted with a rule from
-:data:`inverse_rules`. An elementwise region that reaches its output by several paths
+``inverse_rules``. An elementwise region that reaches its output by several paths
 (``leaky_relu`` is ``select_n(x >= 0, x, a*x)``) is inverted as one map by Newton
 steps started at its output, which are exact for sign-preserving piecewise-linear maps.
 """
@@ -134,7 +134,7 @@ VOLUME_PRESERVING = {lax.add_p, lax.sub_p, lax.neg_p, lax.copy_p, lax.reshape_p,
 class Move:
     """One step of an inversion: ``kind`` is ``"eval"`` (all inputs known: evaluate),
     ``"split"``, ``"concat"``, ``"slices"`` (moves of a partition), ``"rule"`` (rebuild
-    input ``pos`` with :data:`inverse_rules`) or ``"region"`` (Newton steps through the
+    input ``pos`` with ``inverse_rules``) or ``"region"`` (Newton steps through the
     elementwise ``region`` with unknown ``root``)."""
 
     kind: str

@@ -2,7 +2,7 @@
 
 The input cotangent of ``select_n(p, a, b)`` (leaky-ReLU is ``select_n(x >= 0, s x, x)``)
 needs only the predicate ``p``. JAX's own reverse mode keeps it as a ``bool`` array, a
-byte an entry; :func:`select` keeps it packed, 32 entries to a ``uint32``, so a leaky-ReLU
+byte an entry; ``select`` keeps it packed, 32 entries to a ``uint32``, so a leaky-ReLU
 layer costs phase 1 one bit per activation.
 """
 
@@ -29,7 +29,7 @@ def pack(pred: jax.Array) -> jax.Array:
 
 
 def unpack(words: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """The inverse of :func:`pack`: the ``bool`` array of ``shape``."""
+    """The inverse of ``pack``: the ``bool`` array of ``shape``."""
     bits = (words[:, None] >> _SHIFTS) & jnp.uint32(1)
     return bits.reshape(-1)[:math.prod(shape)].reshape(shape).astype(jnp.bool_)
 

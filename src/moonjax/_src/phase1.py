@@ -5,7 +5,7 @@
   activations the parameter gradients would need.
 * ``reversible`` (no sweep follows): reverse mode for every cotangent, but every
   ``lax.scan`` over layers keeps only its final carry; going back, each layer's input
-  is rebuilt from its output by inverting the layer (:mod:`moonjax._src.inverse`) and
+  is rebuilt from its output by inverting the layer (``moonjax._src.inverse``) and
   the layer's vjp gives its parameter cotangents on the spot. Memory is flat in depth.
 * ``forward``: forward-mode JVPs, one per entry of the input, one at a time. Nothing is
   stored; time grows with the size of the input. With independent examples
@@ -35,8 +35,8 @@ from moonjax._src.unrolled import runs as unrolled_runs
 
 def evaluate(graph: G.Graph, invals, bind=None, runs=(), recompute=False):
     """Evaluate ``graph``; ``bind(node, args)`` may replace a node's evaluation, and
-    each of ``runs`` (:class:`~moonjax._src.unrolled.Run`) is evaluated as one call of
-    :func:`~moonjax._src.unrolled.reversible_run` where its last equation stands (every
+    each of ``runs`` (``Run``) is evaluated as one call of
+    ``reversible_run`` where its last equation stands (every
     value it reads is computed by then; nothing outside it reads its inner values)."""
     env = {id(v): x for v, x in zip(graph.invars, invals)}
     read = lambda a: a.val if isinstance(a, G.Lit) else env[id(a)]
@@ -62,19 +62,19 @@ def reversible(graph, invals, stream_pos, diff_pos, anchor_every="auto", checkpo
     """Reversible backprop derived from the program: ``(outvals, cotangents of
     diff_pos)``. Every ``lax.scan`` over the stream keeps only its final carry; going
     back, each step's input is rebuilt from its output by inverting the body
-    (:mod:`moonjax._src.inverse`) and one vjp of the step gives the input and the
+    (``moonjax._src.inverse``) and one vjp of the step gives the input and the
     parameter cotangents at once. With ``unrolled``, every run of unrolled layers that
-    inverts (:func:`moonjax._src.unrolled.runs`) is run the same way, one segment at a
+    inverts (``moonjax._src.unrolled.runs``) is run the same way, one segment at a
     time (``runs``: those the plan found, else found here). The rest of the program is
     plain reverse mode.
 
     ``anchor_every``: ``k`` stores the carry every ``k`` steps and restarts the
-    inversion there; ``"auto"`` as :func:`reversible_anchor` says (none for additions
+    inversion there; ``"auto"`` as ``reversible_anchor`` says (none for additions
     and moves); ``None`` never.
 
     ``checkpointed``: ``node.index -> k`` for the loops run as checkpointed reverse
-    mode instead (:func:`_checkpointed_scan`); with ``fallback``, also every loop over
-    the stream that cannot be inverted (:func:`fallback_interval`)."""
+    mode instead (``_checkpointed_scan``); with ``fallback``, also every loop over
+    the stream that cannot be inverted (``fallback_interval``)."""
     stream = [i in stream_pos for i in range(len(invals))]
     dep = stream_dependence(graph, stream)
     loops = {node.index: body for node, body in reversible_loops(graph, dep)}
@@ -111,7 +111,7 @@ def reversible_loops(graph: G.Graph, dep: set) -> list:
     """``[(scan node, LoopBody)]`` for the top-level loops that carry the stream
     (``dep``: the ids of stream-dependent values) and read it through their carry
     only: the loops reversible backprop runs by inversion. The inversion may be stuck
-    (:attr:`Inversion.stuck`: the body has no inverse)."""
+    (``Inversion.stuck``: the body has no inverse)."""
     found = []
     for node in graph.nodes:
         if node.primitive is not lax.scan_p:
@@ -171,10 +171,10 @@ def step_function(body: G.Graph, body_consts, ncar: int):
 def reversible_anchor(loop: LoopBody, anchor_every, length: int) -> int | None:
     """How often reversible backprop stores a loop's carry: every ``anchor_every``
     steps (an int, or ``None``: never), the last block shorter where it does not divide
-    ``length``. For ``"auto"``: every :data:`REVERSIBLE_ANCHOR` steps where the inverse
+    ``length``. For ``"auto"``: every ``REVERSIBLE_ANCHOR`` steps where the inverse
     adds and moves only or divides elementwise by values the step computes (an affine
-    coupling's scale), every :data:`AUTO_ANCHOR` where it solves or takes Newton steps,
-    and every :data:`AUTO_ANCHOR` at most for a 16-bit carry."""
+    coupling's scale), every ``AUTO_ANCHOR`` where it solves or takes Newton steps,
+    and every ``AUTO_ANCHOR`` at most for a 16-bit carry."""
     if anchor_every == "auto":
         anchor_every = REVERSIBLE_ANCHOR if loop.inversion.divides_only else AUTO_ANCHOR
         if loop.half:
@@ -187,7 +187,7 @@ def reversible_anchor(loop: LoopBody, anchor_every, length: int) -> int | None:
 def _reversible_scan(node, loop: LoopBody, anchor_every):
     """The loop as a ``custom_vjp`` whose backward pass inverts it step by step, as a
     function of the node's inputs. Anchored every ``k`` steps
-    (:func:`reversible_anchor`), the forward pass also stores the carry at the start of
+    (``reversible_anchor``), the forward pass also stores the carry at the start of
     every later block of ``k`` steps (the first starts at the loop's input; the last
     may be shorter), and going back each block restarts from its stored carry:
     rounding grows over ``k`` steps at most. Where each block starts, the rebuilt
@@ -435,7 +435,7 @@ def _flat(pair):
 def forward(graph, invals, stream_pos, collected=None):
     """``(outvals, g_stream, recorded)`` by one JVP per entry of the stream and of the
     fragments ``collected`` (the spine steps the sweep cannot cross, as
-    :func:`mixed_with_probes` takes them): no residuals at all. A zero is added at
+    ``mixed_with_probes`` takes them): no residuals at all. A zero is added at
     each fragment and its cotangent, the record, comes from the JVPs as the stream's
     does (``recorded`` is ``None`` without fragments)."""
     probes = _probes(graph, collected) if collected else {}
@@ -610,10 +610,10 @@ def _probes(graph: G.Graph, collected, leading=(), anchors=None):
 
 def _evaluate_probed(graph, invals, probes, anchors=None, inverted=None, packed=True):
     """Evaluate ``graph`` for mixed phase 1: probes added where records are taken,
-    ``select_n`` masks kept bit-packed (:mod:`moonjax._src.masks`), and every loop
+    ``select_n`` masks kept bit-packed (``moonjax._src.masks``), and every loop
     evaluated step by step so that its body gets the same treatment. The loops in
     ``inverted`` (``node.index -> LoopBody``) that record nothing are run by inversion
-    instead (:func:`_reversible_scan`, anchored as ``"auto"`` says): their phase 1
+    instead (``_reversible_scan``, anchored as ``"auto"`` says): their phase 1
     keeps one carry. ``packed=False`` (forward mode: JVPs, which a ``custom_vjp``
     does not take) keeps ``select_n`` as it is."""
 
@@ -721,7 +721,7 @@ def mixed_with_probes(graph, invals, stream_pos, collected, anchors=None, invert
     fragments the sweep cannot recover) and, for the loops in ``anchors``, the carry
     cotangent at the start of every block. A zero is added at each such value, and
     its cotangent is the record. The loops in ``inverted`` are run by inversion (see
-    :func:`_evaluate_probed`)."""
+    ``_evaluate_probed``)."""
     probes = _probes(graph, collected, anchors=anchors)
 
     def f(stream_vals, probe_vals):

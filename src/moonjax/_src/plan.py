@@ -1,17 +1,17 @@
 """The plan: which treatment each loop over layers gets, decided from the program alone.
 
 ``analyse(graph, stream_pos)`` reads the flattened loss (shapes and structure, nothing
-runs) and returns a :class:`Plan` that the gradient (``mode="auto"``, the default) and
+runs) and returns a ``Plan`` that the gradient (``mode="auto"``, the default) and
 ``moonjax.check`` both read:
 
 * ``reversible`` — reversible backprop: a ``lax.scan`` whose body rebuilds its input
   from its output by additions, moves and elementwise divisions by known values
   (additive and affine couplings, permutations, reshapes): walking it backwards,
   inverting each step and taking its vjp, is exact and the cheapest schedule, no sweep
-  afterwards. The carry is stored every :data:`~moonjax._src.phase1.REVERSIBLE_ANCHOR`
+  afterwards. The carry is stored every ``REVERSIBLE_ANCHOR``
   steps and the inversion restarts there (additions lose bits too where a side branch
   dwarfs what it is added to). Runs of unrolled layers that invert so
-  (:func:`moonjax._src.unrolled.runs`) get the same treatment.
+  (``moonjax._src.unrolled.runs``) get the same treatment.
 * ``checkpointed`` — a loop whose inverse solves with a weight, takes Newton steps, does
   not exist, or that reads the network input outside its carry: reverse mode over blocks
   of about ``sqrt(length)`` steps, the carry stored at each block's start, and going

@@ -152,7 +152,7 @@ def sweep(graph, invals, stream, known_cts, *, head, params=None, debug=False,
       params: per invar, whether a non-stream invar is a trained parameter (used to
         refuse a head that would need stored activations). Defaults to all floats.
       debug: check swept cotangents for NaN/Inf.
-      fragments: ``None`` (a non-submersive spine step raises), a :class:`Collect`
+      fragments: ``None`` (a non-submersive spine step raises), a ``Collect``
         (record where fragments are needed, sweep zeros there) or a dict
         ``node.index -> [output cotangents]`` recorded by phase 1 (for a ``scan``
         node: a nested dict whose arrays are stacked over the loop).
@@ -721,7 +721,7 @@ class _Sweep:
         """A masked coupling: ``y = where(m, v, T(v; c))`` with ``T`` elementwise in ``v``
         and its conditioner ``c`` reading ``v`` through masked copies ``where(m, v, 0)``
         only, for masks ``m`` that are functions of neither the network input nor the
-        trained parameters (:meth:`is_mask`). The mask
+        trained parameters (``is_mask``). The mask
         partitions ``v`` as a split does: where ``y`` takes ``T``, ``v``'s cotangent comes
         from ``T`` alone (``g_T = g_v / T'``), and once that has been pulled back through
         the conditioner to the masked copies, where ``y`` takes ``v`` its cotangent is
@@ -857,7 +857,7 @@ class _Sweep:
         return order
 
     def _product_coupling(self, v, nodes):
-        """``(copy, merge, scaled, T, T's nodes, m, w)`` for :meth:`_masked_product`."""
+        """``(copy, merge, scaled, T, T's nodes, m, w)`` for ``_masked_product``."""
         def factor(n, x):  # the other operand of ``x * factor``, if not input-dependent
             if n.primitive is not lax.mul_p or len(n.inputs) != 2:
                 return None
@@ -930,7 +930,7 @@ class _Sweep:
 
     def _masked_coupling(self, v, nodes):
         """``(merge, v's case, T, T's nodes in order, [(masked copy, v's case)])`` if
-        ``v``'s uses form a masked coupling (see :meth:`_mask_partition`), else None."""
+        ``v``'s uses form a masked coupling (see ``_mask_partition``), else None."""
         def select(n):  # a two-way select_n by a mask that is no function of the input
             return (n.primitive is lax.select_n_p and len(n.inputs) == 3
                     and self.is_mask(n.inputs[0])

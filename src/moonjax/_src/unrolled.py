@@ -3,15 +3,15 @@ narrows, and reversible backprop over the runs of pieces that invert.
 
 Most programs have no ``lax.scan`` over layers: an ``nnx.List`` of modules, a Linen
 ``@nn.compact`` loop, a list of Equinox modules, a ``distrax.Chain`` trace to one long
-straight-line program. :func:`segments` cuts it where the values that later layers
+straight-line program. ``segments`` cuts it where the values that later layers
 depend on through (the *spine*, the stream-dependent values still to be read) weigh
 least: at a layer's output, where a coupling's halves meet again. The piece between two
-cuts is a :class:`Segment`. Consecutive segments that rebuild their input from their
+cuts is a ``Segment``. Consecutive segments that rebuild their input from their
 output by additions, moves and elementwise divisions (couplings, permutations) form a
-:class:`Run`, which :func:`reversible_run` differentiates as reversible backprop: the
+``Run``, which ``reversible_run`` differentiates as reversible backprop: the
 forward pass keeps the run's output (and its spine every ``anchor_every`` segments),
 and going back each segment's input is rebuilt by its inverse
-(:mod:`moonjax._src.inverse`) and its vjp taken, one segment at a time.
+(``moonjax._src.inverse``) and its vjp taken, one segment at a time.
 
 Unrolled code has no loop to sequence it: XLA is free to run every inversion before the
 first vjp and keep all the rebuilt inputs alive, as much as ``jax.grad`` keeps. Each
@@ -87,7 +87,7 @@ def kept_bytes(segs, k: int | None, residuals: int) -> int:
 
 def residual_bytes(seg: Segment) -> int:
     """The bytes reverse mode keeps for ``seg``: the residuals of its vjp (shapes only,
-    under :func:`jax.eval_shape`), the arrays it reads from outside excluded."""
+    under ``jax.eval_shape``), the arrays it reads from outside excluded."""
     produced = {id(o) for n in seg.nodes for o in n.outputs}
     spine = {id(v) for v in seg.ins}
     ext = list({id(a): a for n in seg.nodes for a in n.inputs if isinstance(a, G.Value)
@@ -197,7 +197,7 @@ def segments(graph: G.Graph, dep: set) -> list[Segment]:
     the live stream-dependent values weigh no more than at the boundary before. From
     each cut the segment reaches the nearest later candidate at which the spine weighs
     no more and over which the equations invert (a side branch can have narrow points
-    of its own: the segment goes past them), trying :data:`REACH` candidates; a segment
+    of its own: the segment goes past them), trying ``REACH`` candidates; a segment
     that does not invert reaches the next candidate only. Segments of moves alone are
     joined to the next."""
     sd = [n for n in graph.nodes
@@ -310,11 +310,11 @@ def _segment(nodes, ins, outs) -> Segment:
 
 
 def runs(graph: G.Graph, dep: set, anchor_every=None) -> list[Run]:
-    """The runs of consecutive invertible segments with :data:`MIN_RUN` layers or more
-    (segments with a :data:`LAYER_PRIMITIVES` equation). For ``anchor_every="auto"``
-    (the default), only those estimated to keep at most :data:`RUN_MARGIN` times what
-    reverse mode keeps for them (:func:`kept_bytes`, :func:`residual_bytes` of their
-    middle segment), anchored by :func:`auto_anchor`; an int or ``None`` anchors every
+    """The runs of consecutive invertible segments with ``MIN_RUN`` layers or more
+    (segments with a ``LAYER_PRIMITIVES`` equation). For ``anchor_every="auto"``
+    (the default), only those estimated to keep at most ``RUN_MARGIN`` times what
+    reverse mode keeps for them (``kept_bytes``, ``residual_bytes`` of their
+    middle segment), anchored by ``auto_anchor``; an int or ``None`` anchors every
     run so (``mode="reversible"``)."""
     found, current = [], []
     for seg in [*segments(graph, dep), None]:
@@ -361,7 +361,7 @@ def _after(g, fn, operands, like):
 
 def recompute_tolerance(dtype) -> float:
     """The drift of a rebuilt block input beyond which the default recomputes the block
-    exactly: :data:`RECOMPUTE_ULPS` units of the spine's epsilon."""
+    exactly: ``RECOMPUTE_ULPS`` units of the spine's epsilon."""
     return float(RECOMPUTE_ULPS * np.finfo(dtype).eps)
 
 
@@ -376,10 +376,10 @@ def reversible_run(run: Run, recompute: bool = False):
     measured against the kept one (the self-check) and the kept one is used from
     there on: rounding grows over one block at most. With ``recompute`` (the
     default's choice), a block whose rebuilt input drifted beyond
-    :func:`recompute_tolerance` is differentiated again exactly, as reverse mode
+    ``recompute_tolerance`` is differentiated again exactly, as reverse mode
     from its kept input (its ``k`` spines held while it runs, under a ``lax.cond``:
     only the calls that need it pay), and nothing is reported; without, the drift is
-    reported (:func:`moonjax._src.drift.note_value`) for the guard to refuse."""
+    reported (``moonjax._src.drift.note_value``) for the guard to refuse."""
     segs, ext_vars, k = run.segments, run.externals, run.anchor_every
     starts = [s for s in range(len(segs)) if s == 0 or (k and s % k == 0)]
     blocks = list(zip(starts, [*starts[1:], len(segs)]))

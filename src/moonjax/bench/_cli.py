@@ -1,4 +1,4 @@
-"""The ``moonjax bench`` command line: flags → :class:`BenchConfig` → run → reports."""
+"""The ``moonjax bench`` command line: flags → ``BenchConfig`` → run → reports."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Memory comes from XLA itself: ``jax.jit(f).lower(*args).compile().memory_analysis()``
 gives the bytes of the compiled program's arguments, outputs and temporaries. It is
 exact and machine-independent, and needs no run, so the largest depth under a budget
-is found by compiling only (arguments may be :class:`jax.ShapeDtypeStruct` s).
+is found by compiling only (arguments may be ``jax.ShapeDtypeStruct`` s).
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def relative_error(grads, reference) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class DepthLimit:
-    """Result of :func:`largest_depth`.
+    """Result of ``largest_depth``.
 
     Attributes:
       depth: the largest depth whose memory is within the budget (0 if even depth 1
@@ -190,7 +190,7 @@ def largest_depth(
       known: depth → bytes already measured (they seed the search for free).
 
     Returns:
-      A :class:`DepthLimit`.
+      A ``DepthLimit``.
     """
     memo = dict(known or {})
     count = 0

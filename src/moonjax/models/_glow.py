@@ -28,11 +28,11 @@ class GlowFlow(nnx.Module):
     """A Glow-style flow ``x -> z`` with a standard normal base distribution.
 
     ``depth`` steps of ``ActNorm -> invertible linear mixing -> AffineCoupling``, stacked
-    with :class:`~moonjax.nn.Stack`. For flat data ``(batch, D)`` the mixing is an
-    :class:`~moonjax.nn.InvertibleDense` (no bias); for images ``(batch, H, W, C)`` the
-    flow first squeezes 2x2 and mixes with an :class:`~moonjax.nn.InvertibleConv1x1`, and
-    the couplings use a 3x3 :class:`~moonjax.nn.ConvNet`. By the change of variables,
-    ``log p(x) = log N(z; 0, I) + log|det ∂z/∂x|``. Call :meth:`initialize` once on a data
+    with ``Stack``. For flat data ``(batch, D)`` the mixing is an
+    ``InvertibleDense`` (no bias); for images ``(batch, H, W, C)`` the
+    flow first squeezes 2x2 and mixes with an ``InvertibleConv1x1``, and
+    the couplings use a 3x3 ``ConvNet``. By the change of variables,
+    ``log p(x) = log N(z; 0, I) + log|det ∂z/∂x|``. Call ``initialize`` once on a data
     batch (ActNorm's data-dependent initialisation) before training.
 
     Args:

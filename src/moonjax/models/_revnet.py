@@ -29,19 +29,19 @@ class RevNetClassifier(nnx.Module):
     The body is a bijection from the (zero-padded) input to the features:
 
     * **flat input** ``(batch, in_features)``: pad with zeros to ``width``, then an
-      :class:`~moonjax.nn.InvertibleDense`;
-    * **image input** ``(batch, H, W, C)``: :class:`~moonjax.nn.Squeeze` (space-to-depth,
+      ``InvertibleDense``;
+    * **image input** ``(batch, H, W, C)``: ``Squeeze`` (space-to-depth,
       factor 2), pad channels with zeros to ``width``, then an
-      :class:`~moonjax.nn.InvertibleDense` over channels.
+      ``InvertibleDense`` over channels.
 
-    then a :class:`~moonjax.nn.Stack` of ``depth`` blocks
+    then a ``Stack`` of ``depth`` blocks
     ``AdditiveCoupling -> InvertibleDense (1x1 conv on images) -> LeakyReLU``
-    (images use a 3x3 :class:`~moonjax.nn.ConvNet` as the coupling's side network).
+    (images use a 3x3 ``ConvNet`` as the coupling's side network).
     The head is a dense ``width -> num_classes`` layer, which contracts with a full-rank
     Jacobian because ``width >= num_classes``; on images it runs per pixel and the logits
     are mean-pooled over the spatial axes (the same as pooling first, since the head is
-    linear). ``__call__`` returns logits; :meth:`features` and
-    :meth:`invert_features` expose the invertible body.
+    linear). ``__call__`` returns logits; ``features`` and
+    ``invert_features`` expose the invertible body.
 
     Args:
       input_shape: ``in_features`` (an int) for flat data, or ``(H, W, C)`` for images.
@@ -144,7 +144,7 @@ class RevNetClassifier(nnx.Module):
         return self.body(self.stem(x))
 
     def invert_features(self, h: jax.Array) -> jax.Array:
-        """Recover the input from :meth:`features` (drops the zero padding)."""
+        """Recover the input from ``features`` (drops the zero padding)."""
         x = self.stem.inverse(self.body.inverse(h))
         x = x[..., : self.width - self.pad]
         return x if self.squeeze is None else self.squeeze.inverse(x)

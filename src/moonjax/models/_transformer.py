@@ -14,7 +14,7 @@ class SelfAttention(nnx.Module):
 
     ``softmax(q kᵀ / √d_head) v`` per head, with ``q, k, v`` from one dense layer and an
     output projection. No dropout and no RNG state, so it can sit inside a
-    :class:`~moonjax.nn.Stack`.
+    ``Stack``.
 
     Args:
       d_model: model width (divisible by ``num_heads``).
@@ -61,7 +61,7 @@ class ReversibleTransformerBlock(RevBlock):
 
     The input's last axis holds two streams ``x1, x2`` of width ``d_model``:
     ``y1 = x1 + Attention(LayerNorm(x2))`` and ``y2 = x2 + MLP(LayerNorm(y1))``, output
-    ``concatenate([y1, y2], -1)``. It is a :class:`~moonjax.nn.RevBlock` whose two side
+    ``concatenate([y1, y2], -1)``. It is a ``RevBlock`` whose two side
     branches are the attention and the MLP, so it is exactly invertible
     (``x2 = y2 - MLP(LN(y1))``, ``x1 = y1 - Attention(LN(x2))``) and volume preserving,
     and activations need not be stored (Reformer, Rev-ViT).
@@ -103,7 +103,7 @@ class ReversibleTransformerBlock(RevBlock):
 
 
 class ReversibleTransformer(Invertible):
-    """``depth`` :class:`ReversibleTransformerBlock`\\ s, stacked and scanned.
+    """``depth`` ``ReversibleTransformerBlock``\\ s, stacked and scanned.
 
     Maps ``(batch, seq, 2 * d_model)`` to the same shape; exactly invertible and volume
     preserving. Put an embedding before it (e.g. duplicate a ``d_model`` embedding into

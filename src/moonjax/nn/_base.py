@@ -13,7 +13,7 @@ from moonjax.nn._errors import ShapeError
 
 
 class Invertible(nnx.Module):
-    """Base class of the invertible modules in :mod:`moonjax.nn`.
+    """Base class of the invertible modules in ``moonjax.nn``.
 
     A subclass maps ``x -> y`` in ``__call__`` and back in ``inverse``. Inputs carry a
     leading batch axis and a trailing feature (channel) axis: ``(batch, ..., features)``.
@@ -22,7 +22,7 @@ class Invertible(nnx.Module):
       for 1-D input). Volume-preserving layers set ``volume_preserving = True`` and
       inherit a zero log-det.
     * ``forward_and_log_det(x)``: ``(y, log_det)`` in one pass; override when cheaper.
-    * ``initialize(x)``: data-dependent initialisation (see :class:`ActNorm`); returns
+    * ``initialize(x)``: data-dependent initialisation (see ``ActNorm``); returns
       ``y``. The default only calls the layer. ``__call__`` never mutates state, so it is
       safe under ``jax.jit``, ``jax.grad``, ``lax.scan`` and ``moonjax.moonwalk_grad``.
     """
@@ -83,7 +83,7 @@ def constant_per_example(x: jax.Array, value: jax.Array) -> jax.Array:
 
 
 def check_features(layer: object, x: jax.Array, features: int) -> None:
-    """Raise :class:`ShapeError` unless ``x``'s last axis has ``features`` entries."""
+    """Raise ``ShapeError`` unless ``x``'s last axis has ``features`` entries."""
     if x.ndim == 0 or x.shape[-1] != features:
         got = "a scalar" if x.ndim == 0 else f"{x.shape[-1]} features"
         raise ShapeError(

@@ -42,7 +42,7 @@ class AdditiveCoupling(Invertible):
 
     Args:
       features: width of the last axis (even).
-      hidden: hidden width of the default side network (an :class:`MLP`).
+      hidden: hidden width of the default side network (an ``MLP``).
       rngs: random streams for the initialisers.
       side: a custom side network; overrides ``hidden``.
       param_dtype: dtype of the parameters.
@@ -79,12 +79,12 @@ class AffineCoupling(Invertible):
     initialisation, which keeps deep flows stable. The output is
     ``concatenate([y2, x1], -1)``; the inverse is ``x1 = y2``,
     ``x2 = (y1 - t(y2)) / scale(y2)``, and ``log|det J| = Σ log sigmoid(s + 2)``, available
-    through :meth:`log_det` and :meth:`forward_and_log_det` (``__call__`` returns ``y``
+    through ``log_det`` and ``forward_and_log_det`` (``__call__`` returns ``y``
     only). The side network maps ``(..., features/2)`` to ``(..., features)``.
 
     Args:
       features: width of the last axis (even).
-      hidden: hidden width of the default side network (an :class:`MLP`).
+      hidden: hidden width of the default side network (an ``MLP``).
       rngs: random streams for the initialisers.
       side: a custom side network producing ``[s, t]``; overrides ``hidden``.
       param_dtype: dtype of the parameters.

@@ -1,4 +1,4 @@
-"""Errors raised by :mod:`moonjax.nn` and :mod:`moonjax.models`."""
+"""Errors raised by ``moonjax.nn`` and ``moonjax.models``."""
 
 from __future__ import annotations
 

@@ -101,7 +101,7 @@ class InvertibleDense(_LULinear):
     (``jax.scipy.linalg.solve_triangular``). The forward pass is a single ``dot_general``
     of ``x`` with ``W`` (built from the parameters alone). Acts on the last axis, so it
     works on ``(batch, features)`` and on NHWC images alike (there it equals
-    :class:`InvertibleConv1x1` plus a bias).
+    ``InvertibleConv1x1`` plus a bias).
 
     Args:
       features: width of the last axis.
@@ -154,7 +154,7 @@ class InvertibleConv1x1(_LULinear):
 
     A square channel-mixing matrix applied at every pixel (one ``dot_general`` over the
     channel axis). With ``lu=True`` (default) ``W = P @ L @ U`` as in
-    :class:`InvertibleDense`; with ``lu=False`` ``W`` is a free matrix initialised to a
+    ``InvertibleDense``; with ``lu=False`` ``W`` is a free matrix initialised to a
     random rotation and inverted with ``jnp.linalg.solve``. Per image
     ``log|det J| = H * W * log|det W|``.
 

@@ -15,7 +15,7 @@ class ActNorm(Invertible):
 
     ``log|det J| = Σ log_scale`` per feature vector (times ``H*W`` on images). The
     parameters start at the identity. **Data-dependent initialisation is explicit**: call
-    :meth:`initialize` once on a representative batch *outside* the loss; it sets ``bias``
+    ``initialize`` once on a representative batch *outside* the loss; it sets ``bias``
     and ``log_scale`` so the outputs on that batch have zero mean and unit variance per
     channel and returns them. ``__call__`` never changes state, so an un-initialised
     ActNorm is simply an identity map (no hidden "first call" flag).
@@ -23,7 +23,7 @@ class ActNorm(Invertible):
     Args:
       features: number of channels (last axis).
       rngs: accepted for a uniform constructor signature; unused.
-      eps: added to the standard deviation in :meth:`initialize`.
+      eps: added to the standard deviation in ``initialize``.
       param_dtype: dtype of the parameters.
 
     Example:

@@ -1,4 +1,4 @@
-"""Composition: a Python-level :class:`Sequential` and a scanned, depth-stacked :class:`Stack`."""
+"""Composition: a Python-level ``Sequential`` and a scanned, depth-stacked ``Stack``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ class Sequential(Invertible):
     """Compose invertible layers: ``y = f_n(... f_1(x))``, inverted in reverse order.
 
     ``log|det J|`` is the sum of the layers' log-dets (each evaluated at its own input).
-    :meth:`initialize` runs every layer's data-dependent initialisation in order, feeding
+    ``initialize`` runs every layer's data-dependent initialisation in order, feeding
     each the previous layer's initialised output.
 
     Args:
@@ -62,21 +62,21 @@ class Sequential(Invertible):
 class Stack(Invertible):
     """``depth`` copies of one layer with stacked parameters, run by ``jax.lax.scan``.
 
-    ``make_layer(rngs)`` builds one layer; :class:`Stack` builds all ``depth`` of them at
+    ``make_layer(rngs)`` builds one layer; ``Stack`` builds all ``depth`` of them at
     once with ``jax.vmap`` over split keys, so every parameter gets a leading axis of size
     ``depth``, and runs ``h_i = layer_i(h_{i-1})`` as one ``lax.scan`` whose carry is the
     activation alone and whose scanned inputs are the per-layer parameters. The traced
     program therefore has the same size at depth 10 and depth 1000 (compile time does
     not grow with depth), and it is the scan-over-parameters form that
-    ``moonjax.moonwalk_grad`` sweeps. :meth:`inverse` scans the layers in reverse;
-    :meth:`forward_and_log_det` emits each layer's log-det as a scanned output and sums them.
+    ``moonjax.moonwalk_grad`` sweeps. ``inverse`` scans the layers in reverse;
+    ``forward_and_log_det`` emits each layer's log-det as a scanned output and sums them.
 
     The layers must be pure functions of their parameters: every variable must be an
     ``nnx.Param`` (no RNG streams, counters or batch statistics), and ``make_layer`` must
     build the same structure for every key.
 
     Args:
-      make_layer: ``rngs -> module``; the module should follow :class:`Invertible`.
+      make_layer: ``rngs -> module``; the module should follow ``Invertible``.
       depth: the number of layers (>= 1).
       rngs: random streams; one key is split into ``depth`` layer keys.
 
@@ -157,7 +157,7 @@ class Stack(Invertible):
         return self.forward_and_log_det(x)[1]
 
     def initialize(self, x: jax.Array) -> jax.Array:
-        """Initialise every layer in order on the batch ``x`` (see :class:`ActNorm`)."""
+        """Initialise every layer in order on the batch ``x`` (see ``ActNorm``)."""
         graphdef, state = self._split()
 
         def step(h, params):

@@ -1,9 +1,9 @@
 """Training with Moonwalk gradients: the loop behind ``moonjax train``.
 
-:func:`fit` trains a :class:`moonjax.models.RevNetClassifier` on scikit-learn's digits or
+``fit`` trains a ``moonjax.models.RevNetClassifier`` on scikit-learn's digits or
 a ``.npz`` of your own, with ``optax.adam``, a jitted train step sharded over all devices
 (batch split, parameters replicated), checkpoints and a progress display.
-:func:`make_train_step` is that step for any ``loss(params, x, y)`` and optimizer.
+``make_train_step`` is that step for any ``loss(params, x, y)`` and optimizer.
 
 Example::
 

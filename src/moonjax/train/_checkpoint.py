@@ -1,6 +1,6 @@
 """Checkpoints: parameters, optimizer state and progress in one msgpack file.
 
-The file is ``DIR/train_state.msgpack``, written with :mod:`flax.serialization`'s msgpack
+The file is ``DIR/train_state.msgpack``, written with ``flax.serialization``'s msgpack
 encoding. Pytrees (an ``nnx.State``, an optax state) are stored as flat dictionaries
 keyed by their leaves' paths (``jax.tree_util.keystr``), so restoring needs only a
 template of the same structure — a freshly initialised model and optimizer — and any
@@ -103,7 +103,7 @@ def load(directory: str | os.PathLike, meta: dict[str, Any]) -> dict | None:
 
 
 def restore(state: dict, *, params, opt_state):
-    """Put a :func:`load` ed checkpoint into templates shaped like ``params``, ``opt_state``.
+    """Put a ``load`` ed checkpoint into templates shaped like ``params``, ``opt_state``.
 
     Returns ``(params, opt_state, epoch, step, history)``.
 

@@ -1,4 +1,4 @@
-"""The ``moonjax train`` command line: flags -> :class:`TrainConfig` -> :func:`fit`."""
+"""The ``moonjax train`` command line: flags -> ``TrainConfig`` -> ``fit``."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
 
     def option(flag: str, text: str, **kind) -> None:
-        """A flag whose default is :class:`TrainConfig`'s field of the same name."""
+        """A flag whose default is ``TrainConfig``'s field of the same name."""
         default = getattr(d, flag.lstrip("-").replace("-", "_"))
         shown = f"{default:g}" if isinstance(default, float) else default
         parser.add_argument(flag, default=default, help=f"{text} (default: {shown})", **kind)

@@ -59,7 +59,7 @@ def load_dataset(
         training seeds are scored on the same examples).
 
     Returns:
-      A :class:`Dataset`.
+      A ``Dataset``.
 
     Raises:
       DataError: the file is missing or unreadable, or its arrays do not fit.

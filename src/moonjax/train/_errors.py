@@ -1,4 +1,4 @@
-"""Errors raised by :mod:`moonjax.train`."""
+"""Errors raised by ``moonjax.train``."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+import moonjax
 from moonjax.models import RevNetClassifier, classifier_loss
 from moonjax.nn import ConfigError
 from moonjax.train import _checkpoint
@@ -39,7 +40,7 @@ class TrainConfig:
     """Everything ``moonjax train`` can be told; the defaults train digits in about 20 s.
 
     Attributes:
-      grad: ``"moonwalk"`` (:func:`moonjax.moonwalk_grad`) or ``"backprop"`` (``jax.grad``).
+      grad: ``"moonwalk"`` (``moonjax.moonwalk_grad``) or ``"backprop"`` (``jax.grad``).
       mode: ``moonjax.moonwalk_grad``'s ``mode`` for ``grad="moonwalk"``: ``"auto"``
         (the plan's choice; Moonwalk for this classifier, whose leaky-ReLU layers invert
         by division), ``"mixed"``, ``"reversible"``, ``"forward"``.
@@ -54,7 +55,7 @@ class TrainConfig:
       hidden: width of the coupling side networks.
       width: feature width of the body (``None``: the input's, rounded up to even).
       seed: seed of the initialisation and of the shuffling.
-      data: a ``.npz`` with ``x`` and ``y`` (see :func:`load_dataset`); ``None``: digits.
+      data: a ``.npz`` with ``x`` and ``y`` (see ``load_dataset``); ``None``: digits.
       test_fraction: held-out share when the data has no test split.
       checkpoint: a directory; the state is saved there after every epoch and, if a
         checkpoint is already there, restored first so training continues.
@@ -108,7 +109,7 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class TrainResult:
-    """What :func:`fit` returns.
+    """What ``fit`` returns.
 
     Attributes:
       config: the run's configuration.
@@ -125,7 +126,7 @@ class TrainResult:
         (``memory_analysis().temp_size_in_bytes``), ``None`` if the backend does not say.
       compile_seconds: time to trace, lower and compile the train step.
       train_seconds: time spent in train steps (compiled, after the first call).
-      wall_seconds: time of the whole :func:`fit`, data loading and evaluation included.
+      wall_seconds: time of the whole ``fit``, data loading and evaluation included.
     """
 
     config: TrainConfig
@@ -170,11 +171,11 @@ class TrainResult:
 
 
 def fit(config: TrainConfig | None = None, data: Dataset | None = None) -> TrainResult:
-    """Train a :class:`moonjax.models.RevNetClassifier` with Adam; return a :class:`TrainResult`.
+    """Train a ``moonjax.models.RevNetClassifier`` with Adam; return a ``TrainResult``.
 
     One train step is ``moonjax.moonwalk_value_and_grad`` (or ``jax.value_and_grad``) of
     the mean cross-entropy, then ``optax.adam``, compiled once with ``jax.jit`` and run
-    data parallel over ``config.devices`` devices (:func:`make_train_step`). Every epoch
+    data parallel over ``config.devices`` devices (``make_train_step``). Every epoch
     visits the training split in an order drawn from ``(seed, epoch)``, drops the last
     partial batch, then scores both splits; with ``config.checkpoint`` it saves the
     parameters, the optimizer state and the history, so a run restored from it continues
@@ -182,7 +183,7 @@ def fit(config: TrainConfig | None = None, data: Dataset | None = None) -> Train
 
     Args:
       config: the run's settings (default: ``TrainConfig()``).
-      data: a :class:`Dataset` to use instead of loading ``config.data``.
+      data: a ``Dataset`` to use instead of loading ``config.data``.
 
     Example:
       >>> result = fit(TrainConfig(epochs=3, depth=2, verbose=False))
@@ -289,9 +290,13 @@ def _fit(config: TrainConfig | None, data: Dataset | None) -> TrainResult:
     compile_seconds = time.perf_counter() - t0
 
     grad_name = config.grad
+    plan = ""
     if config.grad == "moonwalk":
         anchors = "" if config.anchor_every is None else f", anchor_every {config.anchor_every}"
         grad_name += f" (mode {config.mode}{anchors})"
+        xb, yb = batch_at(np.arange(n_train), 0)
+        plan = moonjax.check(classifier_loss(graphdef), params, xb, yb, mode=config.mode,
+                             anchor_every=config.anchor_every).plan
     out.print(
         f"moonjax train: RevNetClassifier, depth {config.depth}, width {model.width}, "
         f"{num_params:,} parameters; {data.name}: {n_train} train / {len(data.x_test)} "
@@ -302,6 +307,8 @@ def _fit(config: TrainConfig | None, data: Dataset | None) -> TrainResult:
         f"device(s), {steps_per_epoch} steps/epoch"
         + (f"; restored epoch {start_epoch} from {config.checkpoint}" if start_epoch else "")
     )
+    if plan:
+        out.print(f"  plan: {plan}")
 
     step_losses: list[float] = []
     train_seconds = 0.0

@@ -19,7 +19,7 @@ BATCH_AXIS = "batch"
 
 
 def data_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh:
-    """A one-axis :class:`jax.sharding.Mesh` named ``"batch"`` for data parallelism.
+    """A one-axis ``jax.sharding.Mesh`` named ``"batch"`` for data parallelism.
 
     Args:
       devices: ``None`` for every device (all hosts' under ``jax.distributed``), a count
@@ -61,7 +61,7 @@ def make_train_step(
     The gradient of ``loss(params, x, y)`` is ``moonjax.moonwalk_value_and_grad(loss,
     mode=mode)`` (``x`` is the stream swept forwards) or ``jax.value_and_grad(loss)``;
     the optimizer then applies it and the step returns ``(params, opt_state, loss)``.
-    With a ``mesh`` (see :func:`data_mesh`) the step is compiled with
+    With a ``mesh`` (see ``data_mesh``) the step is compiled with
     ``in_shardings``/``out_shardings``: ``x`` and ``y`` are split along their leading
     (batch) axis over the mesh's devices, parameters and optimizer state are replicated.
     XLA's SPMD partitioner inserts the cross-device reductions of the mean loss and the
@@ -70,12 +70,12 @@ def make_train_step(
 
     Args:
       loss: ``loss(params, x, y) -> scalar``, e.g.
-        :func:`moonjax.models.classifier_loss`.
+        ``moonjax.models.classifier_loss``.
       optimizer: an optax transformation, e.g. ``optax.adam(1e-3)``.
       grad: ``"moonwalk"`` or ``"backprop"``.
-      mode: passed to :func:`moonjax.moonwalk_grad` (``grad="moonwalk"``; ``"auto"``);
+      mode: passed to ``moonjax.moonwalk_grad`` (``grad="moonwalk"``; ``"auto"``);
         ``"forward"`` runs with ``batch_axis=0`` (examples are independent).
-      anchor_every: passed to :func:`moonjax.moonwalk_grad` (``grad="moonwalk"``): record
+      anchor_every: passed to ``moonjax.moonwalk_grad`` (``grad="moonwalk"``): record
         an exact cotangent every ``k`` layers (or ``"auto"``) so float32 rounding cannot
         grow through deep stacks.
       mesh: a mesh with a ``"batch"`` axis; ``None`` compiles for the default device.

@@ -5,12 +5,12 @@ Three families of rules live here, one file each:
 * ``elementwise`` — elementwise primitives. They are not inverted one by one: the
   sweep groups a connected region of them with a single spine input into one
   elementwise map ``φ`` and uses ``vijp = g / φ'(a)``. Their entry in
-  :data:`elementwise_rules` only says whether the primitive keeps ``φ`` injective.
+  ``elementwise_rules`` only says whether the primitive keeps ``φ`` injective.
 * ``structural`` — bijective moves (reshape, transpose, split, concatenate, …).
 * ``linear`` — ``dot_general`` with a square or full-rank weight.
 
-A rule of :data:`vijp_rules` is a :class:`VijpRule`; users add their own with
-:func:`register_vijp`.
+A rule of ``vijp_rules`` is a ``VijpRule``; users add their own with
+``register_vijp``.
 """
 
 from __future__ import annotations
@@ -73,10 +73,21 @@ def register_vijp(primitive, rule: Callable, *, check: Callable | None = None) -
     ``vjp(prim)(y_ct)[argnum] == g``. ``check(argnum, *avals, **params)`` may return a
     string saying why the primitive is not submersive for those operands.
 
-    Example::
+    Args:
+      primitive: the JAX primitive (``jax.extend.core.Primitive``) the rule is for.
+      rule: ``rule(g, *primals, argnum, **params) -> g_out``, or a ready ``VijpRule``.
+      check: optional ``check(argnum, *avals, **params) -> str | None``: why the
+        primitive is not submersive for these operands (the sweep then records a
+        fragment, or raises with ``fragments=False``), ``None`` when it is.
 
-        moonjax.register_vijp(my_scale_p,
-            lambda g, x, s, *, argnum, **p: g / s)
+    Returns:
+      None; the rule replaces any earlier one for ``primitive``.
+
+    Example:
+      >>> import moonjax
+      >>> from jax.extend.core import Primitive
+      >>> scale_p = Primitive("my_scale")  # y = x * s, s a nonzero scalar
+      >>> moonjax.register_vijp(scale_p, lambda g, x, s, *, argnum, **params: g / s)
     """
     if isinstance(rule, VijpRule):
         vijp_rules[primitive] = rule

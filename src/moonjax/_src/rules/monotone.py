@@ -2,7 +2,7 @@
 
 The sweep crosses a region of elementwise primitives by ``g / φ'(x)``, which is the
 exact vijp wherever ``φ'(x) ≠ 0``. The per-primitive checks of
-:mod:`moonjax._src.rules.elementwise` accept regions built from monotone pieces
+``moonjax._src.rules.elementwise`` accept regions built from monotone pieces
 (``tanh``, ``x + b``, leaky-ReLU's ``select_n``); many strictly monotone activations
 are not written that way — ``jax.nn.softplus`` is ``max(x, 0) + log1p(exp(-|x|))``,
 ELU and CELU select between branches with ``max``/``min`` — so those checks cannot see

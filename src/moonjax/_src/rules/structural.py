@@ -148,7 +148,7 @@ def is_permutation(perm, n):
 
 def checked_permutation(node, perm, n, x):
     """``x`` where ``perm`` is a permutation, else NaN; with ``debug`` (the sweep's
-    flag) a :class:`~moonjax.NotPermutationError` naming the user's line."""
+    flag) a ``NotPermutationError`` naming the user's line."""
     from moonjax._src.errors import NOT_PERMUTATION, where
     from moonjax._src.rules import DEBUG
 
