@@ -65,7 +65,7 @@ PROGRAMS = {
     "coupling+leaky body": (scanned(_coupling_then_leaky), _both_params, "checkpointed"),
     "residual body": (scanned(_residual), PARAMS["leaky"], "checkpointed"),
     "scan next to unrolled layers": (_next_to_unrolled, _split_params, "mixed"),
-    "two loops": (_two_loops, _split_params, "mixed"),  # its leaky loop: too short
+    "two loops": (_two_loops, _split_params, "checkpointed"),  # its leaky loop
 }
 # forced treatments that apply (reversible needs a body with an inverse)
 FORCED = {
@@ -143,21 +143,26 @@ def test_reversible_backprop_under_vmap(x64):
     assert_grads_close(got, want, RTOL)
 
 
-def test_reversible_backprop_keeps_one_carry_per_loop():
-    # float32 temp memory flat in depth and no more than the hand-written custom_vjp's
-    # plus one activation's worth of slack
+def test_reversible_backprop_keeps_a_carry_every_16_layers():
+    # float32 temp memory: the hand-written custom_vjp's plus the carries stored every 16
+    # layers and one block's 16 step inputs (what the default's exact recompute of a
+    # drifting loop holds), and one activation's worth of slack
     model = MODELS["revnet_mlp"]
     temps = {}
     for depth in (8, 64):
         p = init_params(model, 0, depth, model.width)
         x, y = make_data(model, 0, model.batch, model.width)
         for name, fn in (("moonwalk", moonjax.moonwalk_grad(make_loss(model))),
-                         ("revbackprop", jax.grad(make_loss(model, "reversible")))):
+                         ("revbackprop", jax.grad(make_loss(model, "reversible"))),
+                         ("jax.grad", jax.grad(make_loss(model)))):
             compiled = jax.jit(fn).lower(p, x, y).compile()
             temps[name, depth] = compiled.memory_analysis().temp_size_in_bytes
     activation = model.batch * model.width * 4
-    assert temps["moonwalk", 64] == temps["moonwalk", 8]
-    assert temps["moonwalk", 64] <= temps["revbackprop", 64] + activation
+    for depth in (8, 64):
+        stored, block = (depth - 1) // 16, min(depth, 16)
+        assert temps["moonwalk", depth] <= (temps["revbackprop", depth]
+                                            + (stored + block + 1) * activation)
+    assert temps["moonwalk", 64] <= 0.25 * temps["jax.grad", 64]
 
 
 @pytest.mark.parametrize("name,want", [("revnet_mlp", "reversible"),
@@ -180,7 +185,7 @@ def test_the_plan_of_each_bench_model(name, want):
         assert "_leaky_layer" in loop.treatment
 
 
-@pytest.mark.parametrize("name", ["two loops", "scan next to unrolled layers"])
+@pytest.mark.parametrize("name", ["scan next to unrolled layers"])
 def test_a_swept_program_inverts_its_coupling_loop_in_phase_1(name):
     # float32 XLA temp: the couplings' phase 1 keeps one carry instead of their side
     # branches' activations (measured 3,464 vs 10,320 and 5,512 vs 12,176 bytes)

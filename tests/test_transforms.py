@@ -52,7 +52,7 @@ def test_custom_vijp_block_is_used_by_the_sweep():
 
     s = 0.1 * jnp.arange(12.0).reshape(3, 4)
     x = jnp.linspace(-1, 1, 8).reshape(2, 4)
-    got = moonjax.moonwalk_grad(loss)(s, x)
+    got = moonjax.moonwalk_grad(loss, mode="mixed")(s, x)
     assert calls, "the hand-written vijp was not used"
     assert rel_err(got, jax.grad(loss)(s, x)) <= 1e-10
     # jax.grad through the block is the ordinary one
@@ -74,10 +74,11 @@ def test_register_vijp_adds_a_primitive_in_one_line():
     w = jnp.eye(4) + 0.1
     x = jnp.linspace(-1, 1, 12).reshape(3, 4)
     with pytest.raises(moonjax.UnsupportedPrimitiveError, match="cumsum"):
-        moonjax.moonwalk_grad(loss, fragments=False)(w, x)
+        moonjax.moonwalk_grad(loss, mode="mixed", fragments=False)(w, x)
     moonjax.register_vijp(lax.cumsum_p, cumsum_vijp)
     try:
-        assert rel_err(moonjax.moonwalk_grad(loss)(w, x), jax.grad(loss)(w, x)) <= 1e-10
+        assert rel_err(moonjax.moonwalk_grad(loss, mode="mixed")(w, x),
+                       jax.grad(loss)(w, x)) <= 1e-10
     finally:
         from moonjax._src.rules import vijp_rules
         vijp_rules.pop(lax.cumsum_p)
@@ -102,7 +103,7 @@ def test_unsupported_primitive_names_it_and_the_user_line():
         return jnp.sum(h ** 2)
 
     with pytest.raises(moonjax.UnsupportedPrimitiveError) as e:
-        moonjax.moonwalk_grad(loss, fragments=False)(jnp.eye(3), jnp.ones((2, 3)))
+        moonjax.moonwalk_grad(loss, mode="mixed", fragments=False)(jnp.eye(3), jnp.ones((2, 3)))
     msg = str(e.value)
     assert "sort" in msg and f"{HERE}:{_line_of(loss, 'jnp.sort')}" in msg
     assert "custom_vijp" in msg
@@ -117,7 +118,7 @@ def test_relu_on_the_spine_is_not_submersive_without_fragments(act):
         return jnp.sum(h ** 2)
 
     with pytest.raises(moonjax.NotSubmersiveError) as e:
-        moonjax.moonwalk_grad(loss, fragments=False)(jnp.stack([jnp.eye(3)] * 2),
+        moonjax.moonwalk_grad(loss, mode="mixed", fragments=False)(jnp.stack([jnp.eye(3)] * 2),
                                                      jnp.ones((2, 3)))
     assert HERE in str(e.value) and "submersive" in str(e.value)
 
@@ -129,7 +130,7 @@ def test_expanding_dense_layer_is_not_submersive_without_fragments():
 
     w = {"up": jnp.ones((3, 5)), "down": jnp.ones((5, 2))}
     with pytest.raises(moonjax.NotSubmersiveError, match="maps 3 features to 5") as e:
-        moonjax.moonwalk_grad(loss, fragments=False)(w, jnp.ones((2, 3)))
+        moonjax.moonwalk_grad(loss, mode="mixed", fragments=False)(w, jnp.ones((2, 3)))
     assert f"{HERE}:{_line_of(loss, 'x @ w')}" in str(e.value)
 
 
@@ -139,7 +140,7 @@ def test_residual_block_that_reads_its_input_twice_is_refused():
         return jnp.sum(h @ w)
 
     with pytest.raises(moonjax.SpineStructureError, match="feeds 2 operations"):
-        moonjax.moonwalk_grad(loss, fragments=False)(jnp.eye(3), jnp.ones((2, 3)))
+        moonjax.moonwalk_grad(loss, mode="mixed", fragments=False)(jnp.eye(3), jnp.ones((2, 3)))
 
 
 def test_non_scalar_loss_raises_like_jax_grad():
@@ -155,8 +156,8 @@ def test_bad_arguments():
         moonjax.moonwalk_grad(loss, argnums=2)(jnp.eye(2), jnp.ones((1, 2)))
     with pytest.raises(moonjax.ArgumentError, match="float"):
         moonjax.moonwalk_grad(loss)(jnp.eye(2, dtype=jnp.int32), jnp.ones((1, 2)))
-    with pytest.raises(moonjax.ArgumentError, match="network input"):
-        moonjax.moonwalk_grad(lambda w: jnp.sum(w ** 2))(jnp.eye(2))
+    with pytest.raises(moonjax.ArgumentError, match="network input"):  # for the sweep
+        moonjax.moonwalk_grad(lambda w: jnp.sum(w ** 2), mode="mixed")(jnp.eye(2))
     with pytest.raises(moonjax.ArgumentError, match="mode"):
         moonjax.moonwalk_grad(loss, mode="sideways")
 
@@ -167,7 +168,8 @@ def test_debug_flags_a_singular_weight():
 
     w = jnp.array([[1.0, 2.0], [2.0, 4.0]])  # singular
     with pytest.raises(Exception, match="non-finite swept cotangent"):
-        jax.block_until_ready(moonjax.moonwalk_grad(loss, debug=True)(w, jnp.ones((3, 2))))
+        jax.block_until_ready(moonjax.moonwalk_grad(loss, mode="mixed", debug=True)(
+            w, jnp.ones((3, 2))))
 
 
 # -- memory: XLA's own accounting -----------------------------------------------------

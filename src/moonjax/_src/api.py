@@ -213,8 +213,10 @@ def moonwalk_value_and_grad(
       (``((value, aux), grads)`` with ``has_aux``).
 
     Raises:
-      moonjax.ArgumentError, moonjax.LossShapeError, moonjax.DriftError and, with
-      ``fragments=False``, the structure errors: as ``moonwalk_grad`` says.
+      moonjax.ArgumentError: an invalid option or argument (see ``moonwalk_grad``).
+      moonjax.LossShapeError: ``fun`` does not return a real scalar.
+      moonjax.DriftError: the self-check found the gradient inaccurate (see
+        ``moonwalk_grad`` for this and the structure errors of ``fragments=False``).
 
     Example:
       >>> import jax, jax.numpy as jnp, moonjax
@@ -603,8 +605,14 @@ def moonwalk_grad(
       fun: the loss, returning a real scalar (or ``(loss, aux)`` with ``has_aux``).
       argnums: which positional argument(s) to differentiate, as in ``jax.grad``.
       has_aux: as in ``jax.grad``.
-      stream_argnums, mode, fragments, anchor_every, batch_axis, drift_tol, on_drift,
-        debug: as in ``moonwalk_value_and_grad``.
+      stream_argnums: as in ``moonwalk_value_and_grad``.
+      mode: as in ``moonwalk_value_and_grad``.
+      fragments: as in ``moonwalk_value_and_grad``.
+      anchor_every: as in ``moonwalk_value_and_grad``.
+      batch_axis: as in ``moonwalk_value_and_grad``.
+      drift_tol: as in ``moonwalk_value_and_grad``.
+      on_drift: as in ``moonwalk_value_and_grad``.
+      debug: as in ``moonwalk_value_and_grad``.
 
     Returns:
       A function with the signature of ``fun`` returning the gradients (``(grads,
@@ -618,9 +626,12 @@ def moonwalk_grad(
       moonjax.DriftError: the self-check found the gradient inaccurate (``on_drift=
         "raise"``); inside an outer ``jax.jit`` it arrives in a
         ``jax.errors.JaxRuntimeError`` (``moonjax.from_runtime_error``).
-      moonjax.NotSubmersiveError, moonjax.SpineStructureError,
-        moonjax.UnsupportedPrimitiveError: with ``fragments=False``, where the sweep
-        cannot cross a layer.
+      moonjax.NotSubmersiveError: with ``fragments=False``, a layer the sweep cannot
+        cross (not submersive).
+      moonjax.SpineStructureError: with ``fragments=False``, a program whose spine the
+        sweep cannot follow (a value entering one operation twice).
+      moonjax.UnsupportedPrimitiveError: with ``fragments=False``, a primitive with no
+        vijp rule on the spine.
 
     Example:
       >>> import jax, jax.numpy as jnp, moonjax
@@ -642,7 +653,7 @@ def moonwalk_grad(
     return grad_fn
 
 
-def vijp(fun: Callable, *primals: Any, debug: bool = False):
+def vijp(fun: Callable, *primals: Any, debug: bool = False) -> tuple[Any, Callable]:
     """The vector–inverse-Jacobian product of a submersive ``fun`` at ``primals``.
 
     ``vijp_fn(g_in)`` takes cotangents shaped like ``primals`` and returns the unique

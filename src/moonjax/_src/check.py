@@ -650,8 +650,12 @@ def check(
     Args:
       loss: the loss, as given to ``moonwalk_grad``.
       *args: its positional arguments (arrays, pytrees, or ``ShapeDtypeStruct`` s).
-      argnums, stream_argnums, has_aux, mode, fragments, anchor_every: as in
-        ``moonwalk_grad``.
+      argnums: as in ``moonwalk_grad``.
+      stream_argnums: as in ``moonwalk_grad``.
+      has_aux: as in ``moonwalk_grad``.
+      mode: as in ``moonwalk_grad``.
+      fragments: as in ``moonwalk_grad``.
+      anchor_every: as in ``moonwalk_grad``.
       **kwargs: keyword arguments of ``loss``.
 
     Returns:

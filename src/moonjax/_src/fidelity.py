@@ -171,7 +171,8 @@ def fidelity(
     Args:
       loss: the loss, as given to ``moonwalk_grad``.
       *args: its arguments (a small batch: backprop runs too).
-      argnums, has_aux: as in ``moonwalk_grad``.
+      argnums: as in ``moonwalk_grad``.
+      has_aux: as in ``moonwalk_grad``.
       **options: other ``moonwalk_grad`` options (``mode``, ``anchor_every``,
         ``stream_argnums``, ``fragments``).
 

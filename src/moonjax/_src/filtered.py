@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +61,8 @@ def _combine(arrays, rest):
         arrays, rest, is_leaf=lambda x: x is None or isinstance(x, _Fixed))
 
 
-def filter_value_and_grad(fun: Callable, *, has_aux: bool = False, **options) -> Callable:
+def filter_value_and_grad(fun: Callable, *, has_aux: bool = False,
+                          **options: Any) -> Callable:
     """Like ``equinox.filter_value_and_grad``, computed by ``moonwalk_value_and_grad``.
 
     The floating-point arrays among the leaves of the first positional argument are
@@ -107,7 +109,7 @@ def filter_value_and_grad(fun: Callable, *, has_aux: bool = False, **options) ->
     return wrapper
 
 
-def filter_grad(fun: Callable, *, has_aux: bool = False, **options) -> Callable:
+def filter_grad(fun: Callable, *, has_aux: bool = False, **options: Any) -> Callable:
     """Like ``equinox.filter_grad``, computed by ``moonwalk_value_and_grad``.
 
     See ``filter_value_and_grad`` for what is differentiated.

@@ -29,7 +29,7 @@ from moonjax._src import masks
 from moonjax._src.errors import BATCH_MIXED, ArgumentError, where
 from moonjax._src.inverse import Inversion, invert, plan_inversion
 from moonjax._src.sweep import is_float, stream_dependence
-from moonjax._src.unrolled import reversible_run
+from moonjax._src.unrolled import recompute_tolerance, reversible_run
 from moonjax._src.unrolled import runs as unrolled_runs
 
 
@@ -94,7 +94,8 @@ def reversible(graph, invals, stream_pos, diff_pos, anchor_every="auto", checkpo
         if node.index in checkpointed:
             return _checkpointed_scan(node, checkpointed[node.index])(args)
         loop = loops.get(node.index)
-        return None if loop is None else _reversible_scan(node, loop, anchor_every)(args)
+        return None if loop is None else _reversible_scan(node, loop, anchor_every,
+                                                          recompute)(args)
 
     def f(*diff_vals):
         vals = list(invals)
@@ -171,12 +172,15 @@ def step_function(body: G.Graph, body_consts, ncar: int):
 def reversible_anchor(loop: LoopBody, anchor_every, length: int) -> int | None:
     """How often reversible backprop stores a loop's carry: every ``anchor_every``
     steps (an int, or ``None``: never), the last block shorter where it does not divide
-    ``length``. For ``"auto"``: every ``REVERSIBLE_ANCHOR`` steps where the inverse
-    adds and moves only or divides elementwise by values the step computes (an affine
-    coupling's scale), every ``AUTO_ANCHOR`` where it solves or takes Newton steps,
-    and every ``AUTO_ANCHOR`` at most for a 16-bit carry."""
+    ``length``. For ``"auto"``: every ``REVERSIBLE_ANCHOR`` steps, or ``sqrt(length)``
+    for longer loops (the stored carries and one block's, which the default's exact
+    recompute holds, weigh about the same), where the inverse adds and moves only or
+    divides elementwise by values the step computes (an affine coupling's scale); every
+    ``AUTO_ANCHOR`` where it solves or takes Newton steps, and every ``AUTO_ANCHOR`` at
+    most for a 16-bit carry."""
     if anchor_every == "auto":
-        anchor_every = REVERSIBLE_ANCHOR if loop.inversion.divides_only else AUTO_ANCHOR
+        anchor_every = (max(REVERSIBLE_ANCHOR, round(math.sqrt(length)))
+                        if loop.inversion.divides_only else AUTO_ANCHOR)
         if loop.half:
             anchor_every = min(anchor_every, AUTO_ANCHOR)
     if anchor_every is None or anchor_every >= length:
@@ -184,14 +188,19 @@ def reversible_anchor(loop: LoopBody, anchor_every, length: int) -> int | None:
     return anchor_every
 
 
-def _reversible_scan(node, loop: LoopBody, anchor_every):
+def _reversible_scan(node, loop: LoopBody, anchor_every, recompute: bool = False):
     """The loop as a ``custom_vjp`` whose backward pass inverts it step by step, as a
     function of the node's inputs. Anchored every ``k`` steps
     (``reversible_anchor``), the forward pass also stores the carry at the start of
     every later block of ``k`` steps (the first starts at the loop's input; the last
     may be shorter), and going back each block restarts from its stored carry:
     rounding grows over ``k`` steps at most. Where each block starts, the rebuilt
-    carry is measured against the stored one (the self-check)."""
+    carry is measured against the stored one (the self-check). With ``recompute`` (the
+    default's choice), a loop whose rebuilt carry drifted beyond
+    :func:`~moonjax._src.unrolled.recompute_tolerance` is differentiated again exactly,
+    as reverse mode over the blocks from their stored carries (:func:`_blocks_backward`,
+    under a ``lax.cond``: only the calls that need it pay), and nothing is reported;
+    without, the drift is reported for the guard to refuse."""
     p = node.params
     nc, ncar, length, rev = p["num_consts"], p["num_carry"], p["length"], p["reverse"]
     body, body_consts, inversion = loop.graph, loop.consts, loop.inversion
@@ -277,9 +286,25 @@ def _reversible_scan(node, loop: LoopBody, anchor_every):
         (_, g_init, g_consts, drift, _), g_xs = lax.scan(
             step, (list(final), list(g_carry), g0, _most([]), 0), (list(xs), list(g_ys)),
             length=length, reverse=not rev)
-        D.note_value(meeting, drift)
-        if inversion.amplifier is not None:
-            D.amplifier(inversion.amplifier.describe())
+        if recompute and floats:
+            tol = min(recompute_tolerance(jnp.result_type(init[i])) for i in floats)
+            stored = ([i[None] for i in init] if starts is None else
+                      [jnp.concatenate([i[None], s]) for i, s in zip(init, starts)])
+
+            def exact(_):
+                gi, gc, gx = _blocks_backward(step_fn, k, length, rev, consts, xs, stored,
+                                              g_carry, g_ys)
+                return [gi[i] for i in floats], gc, gx
+
+            swept = ([g_init[i] for i in floats], g_consts, g_xs)
+            # a non-finite drift (NaN compares false) is a drift too
+            g_floats, g_consts, g_xs = lax.cond(~(drift <= tol), exact, lambda _: swept,
+                                                None)
+            g_init = _put(g_init, floats, g_floats)
+        else:
+            D.note_value(meeting, drift)
+            if inversion.amplifier is not None:
+                D.amplifier(inversion.amplifier.describe())
         return _spread(consts, fc, g_consts), g_init, _spread(xs, fx, g_xs)
 
     run.defvjp(fwd, bwd)
@@ -306,11 +331,11 @@ def _checkpointed_scan(node, k: int):
     """The loop as reverse mode over blocks of ``k`` steps, as a function of the
     node's inputs: the forward pass keeps the carry at every block's start; going
     back, each block is run forwards once more from it, keeping its ``k`` step inputs,
-    and each step's vjp gives the input, consts and ``xs`` cotangents. Exact (reverse
-    mode) for any body; each step runs forwards twice more (the block's rebuild and
-    inside its vjp). The last block may be shorter:
-    ``xs`` and ``ys`` are read and written in place by step index, never sliced (a
-    slice would copy the weights)."""
+    and each step's vjp gives the input, consts and ``xs`` cotangents
+    (:func:`_blocks_backward`). Exact (reverse mode) for any body; each step runs
+    forwards twice more (the block's rebuild and inside its vjp). The last block may
+    be shorter: ``xs`` and ``ys`` are read and written in place by step index, never
+    sliced (a slice would copy the weights)."""
     p = node.params
     nc, ncar, length, rev = p["num_consts"], p["num_carry"], p["length"], p["reverse"]
     body, body_consts = G.flatten(p["jaxpr"])
@@ -318,15 +343,6 @@ def _checkpointed_scan(node, k: int):
     index = (lambda t: length - 1 - t) if rev else (lambda t: t)  # the t-th step's row
 
     step_fn = step_function(body, body_consts, ncar)
-
-    def row(arrays, i):
-        return [lax.dynamic_index_in_dim(a, i, keepdims=False) for a in arrays]
-
-    def put_row(arrays, values, i):
-        return [lax.dynamic_update_index_in_dim(a, v, i, 0) for a, v in zip(arrays, values)]
-
-    def in_loop(t, fn, state):  # the steps past the end of the last block do nothing
-        return lax.cond(t < length, fn, lambda s: s, state)
 
     @jax.custom_vjp
     def run(consts, init, xs):
@@ -343,9 +359,9 @@ def _checkpointed_scan(node, k: int):
                 def do(st):
                     carry, ys = st
                     i = index(b * k + j)
-                    carry, y = step_fn(consts, carry, row(xs, i))
-                    return carry, put_row(ys, y, i)
-                return in_loop(b * k + j, do, st)
+                    carry, y = step_fn(consts, carry, _row(xs, i))
+                    return carry, _put_row(ys, y, i)
+                return _in_loop(b * k + j, length, do, st)
 
             return lax.fori_loop(0, k, one, state), state[0]
 
@@ -354,50 +370,77 @@ def _checkpointed_scan(node, k: int):
 
     def bwd(res, cts):
         consts, xs, starts = res
-        g_carry, g_ys = cts
         fc = [i for i, c in enumerate(consts) if is_float(jax.typeof(c))]
         fx = [i for i, x in enumerate(xs) if is_float(jax.typeof(x))]
-
-        def block(state, b):
-            start = [s[b] for s in starts]
-            inputs0 = [jnp.zeros((k, *c.shape), c.dtype) for c in start]
-
-            def rebuild(j, st):  # the block's step inputs, from its stored start
-                carry, inputs = st
-                inputs = put_row(inputs, carry, j)
-                carry = in_loop(b * k + j, lambda c: step_fn(consts, c, row(xs, index(
-                    b * k + j)))[0], carry)
-                return carry, inputs
-
-            _, inputs = lax.fori_loop(0, k, rebuild, (start, inputs0))
-
-            def back(jj, st):
-                j = k - 1 - jj
-
-                def do(st):
-                    g, g_consts, g_xs = st
-                    i = index(b * k + j)
-                    x = row(xs, i)
-
-                    def step_vjp(cf, c, xf):
-                        return step_fn(_put(consts, fc, cf), c, _put(x, fx, xf))
-
-                    _, vjp = jax.vjp(step_vjp, [consts[n] for n in fc], row(inputs, j),
-                                     [x[n] for n in fx])
-                    gc, g_in, gx = vjp((g, row(g_ys, i)))
-                    return (g_in, [a + c for a, c in zip(g_consts, gc)],
-                            put_row(g_xs, gx, i))
-                return in_loop(b * k + j, do, st)
-
-            return lax.fori_loop(0, k, back, state), None
-
-        state = (list(g_carry), [jnp.zeros_like(consts[n]) for n in fc],
-                 [jnp.zeros_like(xs[n]) for n in fx])
-        (g_init, g_consts, g_xs), _ = lax.scan(block, state, jnp.arange(nb), reverse=True)
+        g_init, g_consts, g_xs = _blocks_backward(step_fn, k, length, rev, consts, xs,
+                                                  starts, *cts)
         return _spread(consts, fc, g_consts), g_init, _spread(xs, fx, g_xs)
 
     run.defvjp(fwd, bwd)
     return _of_inputs(run, nc, ncar)
+
+
+def _row(arrays, i):
+    return [lax.dynamic_index_in_dim(a, i, keepdims=False) for a in arrays]
+
+
+def _put_row(arrays, values, i):
+    return [lax.dynamic_update_index_in_dim(a, v, i, 0) for a, v in zip(arrays, values)]
+
+
+def _in_loop(t, length, fn, state):
+    """``fn(state)`` for a step of the loop; the steps past the end of its last block
+    do nothing."""
+    return lax.cond(t < length, fn, lambda s: s, state)
+
+
+def _blocks_backward(step_fn, k, length, rev, consts, xs, starts, g_carry, g_ys):
+    """Reverse mode over blocks of ``k`` steps of a loop whose carry at each block's
+    start is ``starts`` (stacked over the blocks): each block run forwards once more
+    from its start for its step inputs, then each step's vjp. Returns the cotangents
+    ``(init, float consts, float xs)``."""
+    nb = -(-length // k)
+    index = (lambda t: length - 1 - t) if rev else (lambda t: t)
+    fc = [i for i, c in enumerate(consts) if is_float(jax.typeof(c))]
+    fx = [i for i, x in enumerate(xs) if is_float(jax.typeof(x))]
+
+    def block(state, b):
+        start = [s[b] for s in starts]
+        inputs0 = [jnp.zeros((k, *c.shape), c.dtype) for c in start]
+
+        def rebuild(j, st):  # the block's step inputs, from its stored start
+            carry, inputs = st
+            inputs = _put_row(inputs, carry, j)
+            carry = _in_loop(b * k + j, length, lambda c: step_fn(consts, c, _row(
+                xs, index(b * k + j)))[0], carry)
+            return carry, inputs
+
+        _, inputs = lax.fori_loop(0, k, rebuild, (start, inputs0))
+
+        def back(jj, st):
+            j = k - 1 - jj
+
+            def do(st):
+                g, g_consts, g_xs = st
+                i = index(b * k + j)
+                x = _row(xs, i)
+
+                def step_vjp(cf, c, xf):
+                    return step_fn(_put(consts, fc, cf), c, _put(x, fx, xf))
+
+                _, vjp = jax.vjp(step_vjp, [consts[n] for n in fc], _row(inputs, j),
+                                 [x[n] for n in fx])
+                gc, g_in, gx = vjp((g, _row(g_ys, i)))
+                return (g_in, [a + c for a, c in zip(g_consts, gc)],
+                        _put_row(g_xs, gx, i))
+            return _in_loop(b * k + j, length, do, st)
+
+        return lax.fori_loop(0, k, back, state), None
+
+    state = (list(g_carry), [jnp.zeros_like(consts[n]) for n in fc],
+             [jnp.zeros_like(xs[n]) for n in fx])
+    (g_init, g_consts, g_xs), _ = lax.scan(block, state, jnp.arange(nb), reverse=True)
+    return g_init, g_consts, g_xs
 
 
 def _spread(vals, positions, cts):

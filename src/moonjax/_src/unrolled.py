@@ -461,7 +461,8 @@ def reversible_run(run: Run, recompute: bool = False):
             inputs[0] = exact
             if recompute and b - a > 1:
                 tol = min(recompute_tolerance(jnp.result_type(v)) for v in exact)
-                inputs[1:] = lax.cond(drift > tol, lambda rebuilt: computed(a, b, exact),
+                inputs[1:] = lax.cond(~(drift <= tol),  # NaN compares false: a drift too
+                                      lambda rebuilt: computed(a, b, exact),
                                       lambda rebuilt: rebuilt, inputs[1:])
             g_ext = {}
             for s in reversed(range(a, b)):

@@ -17,12 +17,13 @@ from moonjax.bench._measure import DepthLimit, Memory, largest_depth, parse_byte
 from moonjax.bench._methods import METHODS, Method, MethodUnavailable, naive_forward_grad
 from moonjax.bench._models import MODELS, Model, init_params, make_data, make_loss
 from moonjax.bench._report import markdown, plot, print_report, write_json
-from moonjax.bench._run import BenchConfig, Limit, Results, Row, run
+from moonjax.bench._run import QUICK_MODELS, BenchConfig, Limit, Results, Row, run
 
 __all__ = [
     "METHODS",
     "MODELS",
     "BenchConfig",
+    "QUICK_MODELS",
     "DepthLimit",
     "Limit",
     "Memory",

@@ -9,7 +9,13 @@ import sys
 from moonjax.bench._measure import format_bytes, parse_bytes
 from moonjax.bench._methods import METHODS
 from moonjax.bench._models import MODELS
-from moonjax.bench._run import BenchConfig, parse_int_list, parse_name_list, run
+from moonjax.bench._run import (
+    QUICK_MODELS,
+    BenchConfig,
+    parse_int_list,
+    parse_name_list,
+    run,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,9 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchConfig()
     parser.add_argument(
         "--models",
-        default="all",
+        default=None,
         metavar="A,B",
-        help=f"models to run (default: all = {','.join(MODELS)})",
+        help=f"models to run (default: all = {','.join(MODELS)}; with --quick: "
+        f"{','.join(QUICK_MODELS)})",
     )
     parser.add_argument(
         "--methods",
@@ -69,8 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="tiny sizes and depths for smoke tests (about half a minute per model on 2 CPU "
-        "cores, mostly XLA compile time)",
+        help="tiny sizes, one depth, a small budget, four models and no headline verdicts: "
+        "a smoke test (under a minute on 2 CPU cores, mostly XLA compile time)",
     )
     parser.add_argument(
         "--no-reference",
@@ -88,8 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    default_models = ",".join(QUICK_MODELS) if args.quick else "all"
     fields = dict(
-        models=parse_name_list(args.models, MODELS, "model"),
+        models=parse_name_list(args.models or default_models, MODELS, "model"),
         methods=parse_name_list(args.methods, METHODS, "method"),
         seed=args.seed,
         reference=not args.no_reference,

@@ -42,6 +42,9 @@ from moonjax.bench._models import (
     param_shapes,
 )
 
+# what ``--quick`` runs unless told: a scanned and an unrolled network of each kind
+QUICK_MODELS = ("revnet_mlp", "leaky_mlp", "revnet_unrolled", "relu_mlp")
+
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
@@ -77,7 +80,7 @@ class BenchConfig:
         # width 16: at width 8 the head's square 8x8 weight makes the leaky MLP's sweep
         # drift beyond the tolerance (its gradient 25x backprop's error), which the
         # drift check refuses
-        base = dict(depths=(3,), width=16, batch=2, budget=2**20, max_depth=8,
+        base = dict(depths=(3,), width=16, batch=2, budget=2**14, max_depth=16,
                     repeats=2, verdicts=False)
         base.update(overrides)
         return cls(**base)

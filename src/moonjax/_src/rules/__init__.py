@@ -65,7 +65,8 @@ def ct_dtype(dtype):
     return dtype
 
 
-def register_vijp(primitive, rule: Callable, *, check: Callable | None = None) -> None:
+def register_vijp(primitive: Any, rule: Callable, *, check: Callable | None = None
+                  ) -> None:
     """Register a vijp rule for a primitive with one spine operand.
 
     ``rule(g, *primals, argnum, **params)`` gets the known cotangent ``g`` of input
