@@ -427,3 +427,21 @@ def test_exact_recompute_of_a_block_equals_jax_grad(kind, monkeypatch):
     loss, ps, x = _unrolled_stack(kind, 9)
     got = moonjax.moonwalk_grad(loss, anchor_every=4)(ps, x)
     assert_grads_close(got, jax.grad(loss)(ps, x), rtol=1e-9)
+
+
+def test_unrolled_run_under_vmap_with_aux_and_the_input_gradient(x64):
+    loss, ps, x = _unrolled_stack("additive", 12, width=WIDTH, batch=6)
+
+    def with_aux(ps, x):
+        value = loss(ps, x)
+        return value, {"value": value}
+
+    mine = moonjax.moonwalk_grad(with_aux, argnums=(0, 1), has_aux=True)
+    ref = jax.grad(with_aux, argnums=(0, 1), has_aux=True)
+    assert moonjax.check(loss, ps, x).treatment == "reversible"
+    (got, aux), (want, want_aux) = jax.jit(mine)(ps, x), ref(ps, x)
+    assert_grads_close(got, want, rtol=1e-9)
+    assert float(aux["value"]) == pytest.approx(float(want_aux["value"]))
+    per_example = jax.vmap(moonjax.moonwalk_grad(loss), (None, 0))(ps, x[:, None])
+    assert_grads_close(per_example, jax.vmap(jax.grad(loss), (None, 0))(ps, x[:, None]),
+                       rtol=1e-9)

@@ -217,11 +217,7 @@ def _reversible_scan(node, loop: LoopBody, anchor_every, recompute: bool = False
                         measured="the input rebuilt by inverting every step")
 
     step_fn = step_function(body, body_consts, ncar)
-
-    @jax.custom_vjp
-    def run(consts, init, xs):
-        outs = node.bind(*consts, *init, *xs)
-        return list(outs[:ncar]), list(outs[ncar:])
+    run = _bound(node)
 
     def fwd(consts, init, xs):
         if nb == 1:  # the loop's input is the only anchor
@@ -343,11 +339,7 @@ def _checkpointed_scan(node, k: int):
     index = (lambda t: length - 1 - t) if rev else (lambda t: t)  # the t-th step's row
 
     step_fn = step_function(body, body_consts, ncar)
-
-    @jax.custom_vjp
-    def run(consts, init, xs):
-        outs = node.bind(*consts, *init, *xs)
-        return list(outs[:ncar]), list(outs[ncar:])
+    run = _bound(node)
 
     def fwd(consts, init, xs):
         y_avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype)
@@ -378,6 +370,19 @@ def _checkpointed_scan(node, k: int):
 
     run.defvjp(fwd, bwd)
     return _of_inputs(run, nc, ncar)
+
+
+def _bound(node):
+    """The scan ``node`` as a ``custom_vjp`` function ``(consts, init, xs) -> (carry,
+    ys)`` whose rules the caller defines."""
+    ncar = node.params["num_carry"]
+
+    @jax.custom_vjp
+    def run(consts, init, xs):
+        outs = node.bind(*consts, *init, *xs)
+        return list(outs[:ncar]), list(outs[ncar:])
+
+    return run
 
 
 def _row(arrays, i):

@@ -356,74 +356,55 @@ def _scan(layer, layers, h):
     return lax.scan(lambda c, p: (layer(p, c), None), h, layers)[0]
 
 
-def reversible_stack(layer: Callable, inverse: Callable) -> Callable:
-    """``run(layers, h)``: a scanned stack whose gradient rebuilds activations by inversion.
-
-    The forward pass keeps only the stack's output. The backward pass walks the layers
-    from the top: ``h_{i-1} = inverse(θ_i, h_i)``, then one layer's vjp gives
-    ``(∂ℓ/∂θ_i, g_{i-1})`` from ``g_i``. Memory does not grow with depth; round-off in
-    the rebuilt activations is the price (it shows in the gradient-error column).
-    """
-
-    @jax.custom_vjp
-    def run(layers, h):
-        return _scan(layer, layers, h)
-
-    def run_fwd(layers, h):
-        out = _scan(layer, layers, h)
-        return out, (layers, out)
-
-    def run_bwd(res, g_out):
-        layers, out = res
-
-        def step(carry, p):
-            y, g_y = carry
-            x = inverse(p, y)
-            _, pullback = jax.vjp(layer, p, x)
-            g_p, g_x = pullback(g_y)
-            return (x, g_x), g_p
-
-        (_, g_in), g_layers = lax.scan(step, (out, g_out), layers, reverse=True)
-        return g_layers, g_in
-
-    run.defvjp(run_fwd, run_bwd)
-    return run
-
-
-STACKS = ("plain", "remat", "reversible")
-
-
 def _unrolled(layer, layers, h):
     for p in layers:
         h = layer(p, h)
     return h
 
 
-def reversible_list(layer: Callable, inverse: Callable) -> Callable:
-    """``reversible_stack`` for a Python list of layers: the hand-written
-    reversible backprop of an unrolled stack."""
+def reversible_stack(layer: Callable, inverse: Callable, unrolled: bool = False) -> Callable:
+    """``run(layers, h)``: a stack whose gradient rebuilds activations by inversion.
+
+    The forward pass keeps only the stack's output. The backward pass walks the layers
+    from the top: ``h_{i-1} = inverse(θ_i, h_i)``, then one layer's vjp gives
+    ``(∂ℓ/∂θ_i, g_{i-1})`` from ``g_i``. Memory does not grow with depth; round-off in
+    the rebuilt activations is the price (it shows in the gradient-error column). The
+    stack is a ``lax.scan`` over stacked ``layers``, or with ``unrolled`` a Python loop
+    over a list of them.
+    """
+    forward = _unrolled if unrolled else _scan
 
     @jax.custom_vjp
     def run(layers, h):
-        return _unrolled(layer, layers, h)
+        return forward(layer, layers, h)
 
     def run_fwd(layers, h):
-        out = _unrolled(layer, layers, h)
+        out = forward(layer, layers, h)
         return out, (layers, out)
 
-    def run_bwd(res, g):
-        layers, y = res
-        grads = []
+    def back(carry, p):  # one layer, from its output and its output's cotangent
+        y, g_y = carry
+        x = inverse(p, y)
+        _, pullback = jax.vjp(layer, p, x)
+        g_p, g_x = pullback(g_y)
+        return (x, g_x), g_p
+
+    def run_bwd(res, g_out):
+        layers, out = res
+        if not unrolled:
+            (_, g_in), g_layers = lax.scan(back, (out, g_out), layers, reverse=True)
+            return g_layers, g_in
+        carry, g_layers = (out, g_out), []
         for p in reversed(layers):
-            x = inverse(p, y)
-            _, pullback = jax.vjp(layer, p, x)
-            g_p, g = pullback(g)
-            grads.append(g_p)
-            y = x
-        return grads[::-1], g
+            carry, g_p = back(carry, p)
+            g_layers.append(g_p)
+        return g_layers[::-1], carry[1]
 
     run.defvjp(run_fwd, run_bwd)
     return run
+
+
+STACKS = ("plain", "remat", "reversible")
 
 
 def make_loss(model: Model, stack: str = "plain") -> Callable:
@@ -434,7 +415,7 @@ def make_loss(model: Model, stack: str = "plain") -> Callable:
         elif stack == "remat":
             run = lambda layers, h: _unrolled(jax.checkpoint(model.layer), layers, h)
         elif stack == "reversible" and model.inverse is not None:
-            run = reversible_list(model.layer, model.inverse)
+            run = reversible_stack(model.layer, model.inverse, unrolled=True)
         else:
             raise ValueError(f"stack must be one of {STACKS} (reversible needs an "
                              f"inverse), got {stack!r}")
