@@ -81,19 +81,20 @@ _OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 def user_line(source_info) -> str | None:
     """The innermost ``file:line`` of ``source_info`` outside JAX, moonjax and installed
-    libraries, relative to the working directory where it lies under it; None when
-    there is none."""
+    libraries (else inside moonjax: its own models), relative to the working directory
+    where it lies under it; None when there is none."""
     if source_info is None:
         return None
     try:
         lines = source_info_util.summarize(source_info, num_frames=_FRAMES).splitlines()
     except Exception:  # pragma: no cover - defensive: source info is best effort
         return None
-    lines = [ln for ln in lines if ln and ln != "unknown"]
-    for line in reversed(lines):  # innermost last
-        if not any(d in line for d in _LIBRARY_DIRS) and not line.startswith(_OWN_DIR):
+    lines = [ln for ln in lines if ln and ln != "unknown"
+             and not any(d in ln for d in _LIBRARY_DIRS)]
+    for line in reversed(lines):  # innermost last; moonjax's own (its models) if no other
+        if not line.startswith(_OWN_DIR):
             return _relative(line)
-    return None
+    return _relative(lines[-1]) if lines else None
 
 
 def _relative(line: str) -> str:
