@@ -1,18 +1,20 @@
-"""Train an invertible classifier on handwritten digits with Moonwalk gradients.
+"""Train an invertible classifier on handwritten digits with ``moonjax.moonwalk_grad``.
 
 What it shows: ``moonjax.moonwalk_grad`` as a drop-in for ``jax.grad`` in an ordinary
 optax training loop. The model is ``moonjax.models.RevNetClassifier`` (an i-RevNet-style
 stack of additive couplings, LU-parameterised dense layers and leaky ReLUs, then a
-dense head) on scikit-learn's 8x8 digits. With the defaults it reaches about 98 % test
-accuracy in well under a minute on two CPU cores, and the summary prints XLA's
-temporary memory for one train step: run it again with ``--grad backprop`` to see that
-backprop needs about 2.5x more at the same accuracy.
+dense head) on scikit-learn's 8x8 digits. The header prints the plan that ran: the
+loop's inverse solves with the LU weights, so the default checkpoints it (reverse mode,
+the carry stored every 3 blocks). With the defaults it reaches 98.33 % test accuracy in
+about 12 s on two CPU cores, and the summary prints XLA's temporary memory for one train
+step: 33.6 KiB, against 841 KiB with ``--grad backprop`` (the same accuracy).
 
 This script is the ``moonjax train`` command; every flag of ``moonjax train --help``
 works here too::
 
     pip install -e ".[examples]"
-    python examples/train_digits.py                      # Moonwalk, mixed mode
+    python examples/train_digits.py                      # the default plan
+    python examples/train_digits.py --mode mixed         # Moonwalk's sweep
     python examples/train_digits.py --grad backprop      # the same with jax.grad
     python examples/train_digits.py --checkpoint runs/digits --epochs 30   # resumable
 
