@@ -168,7 +168,8 @@ def _check_results(data, models, methods):
         if lim["status"] == "ok":
             assert lim["max_depth"] >= max(data["config"]["depths"]), lim
             assert lim["ratio"] > 0
-    assert data["checks"], "headline checks are always evaluated"
+    # headline verdicts only where they mean something (not at --quick's smoke sizes)
+    assert bool(data["checks"]) == data["config"]["verdicts"]
 
 
 def test_bench_quick_one_model_writes_json(tmp_path, monkeypatch, capsys):
@@ -210,7 +211,6 @@ def test_bench_quick_all_models_writes_json(tmp_path, monkeypatch):
     assert cli.main(["bench", "--quick", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     _check_results(data, list(bench.QUICK_MODELS), list(bench.METHODS))
-    assert data["checks"] == []  # no headline verdicts at smoke-test sizes
 
 
 def test_cli_without_command_prints_help(capsys):

@@ -79,7 +79,8 @@ def test_print_fidelity_table():
     for kind in ("leaky", "tanh", "additive", "affine"):
         for depth in (16, 64, 256):
             err = _errors(kind, depth, methods)
-            print(kind, depth, " ".join(f"{k}={v:.1e}" for k, v in err.items()))
+            print(kind, depth, " ".join(f"{k}={v:.1e}" if v is not None else f"{k}=refused"
+                                        for k, v in err.items()))
 
 
 # -- moonjax.fidelity --------------------------------------------------------------------
