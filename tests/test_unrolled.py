@@ -445,3 +445,13 @@ def test_unrolled_run_under_vmap_with_aux_and_the_input_gradient(x64):
     per_example = jax.vmap(moonjax.moonwalk_grad(loss), (None, 0))(ps, x[:, None])
     assert_grads_close(per_example, jax.vmap(jax.grad(loss), (None, 0))(ps, x[:, None]),
                        rtol=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["mixed", "forward", "reversible"])
+def test_a_loop_reading_the_input_through_xs_is_exact_in_every_mode(mode, x64):
+    # the sweep cannot enter it: phase 1 records the whole loop's output cotangent
+    loss, args, _ = scan_reads_input_slices(0)
+    args = _cast(args, jnp.float64)
+    assert_grads_close(moonjax.moonwalk_grad(loss, mode=mode)(*args), jax.grad(loss)(*args),
+                       rtol=1e-9)
+    assert moonjax.check(loss, *args, mode=mode).ok

@@ -639,7 +639,9 @@ def _probes(graph: G.Graph, collected, leading=(), anchors=None):
         plan = (anchors or {}).get(node.index)
         if entry is None and plan is None:
             continue
-        if node.primitive is lax.scan_p:
+        if node.primitive is lax.scan_p and not isinstance(entry, list):
+            # a loop the sweep crosses step by step (a list: one fragment of the whole
+            # loop's outputs, a loop it cannot enter, as any other node)
             body, _ = G.flatten(node.params["jaxpr"])
             length = node.params["length"]
             inner = _probes(body, entry or {}, leading + (length,))
@@ -669,7 +671,7 @@ def _evaluate_probed(graph, invals, probes, anchors=None, inverted=None, packed=
         entry = probes.get(node.index)
         if node.index in (inverted or {}) and not entry:
             return _reversible_scan(node, inverted[node.index], "auto")(args)
-        if node.primitive is lax.scan_p:
+        if node.primitive is lax.scan_p and not isinstance(entry, list):
             return loop(node, args, entry or {})
         if packed and node.primitive is lax.select_n_p and len(args) == 3 and masks.packable(
                 node.inputs[0].aval, [a.aval for a in node.inputs[1:]]):
