@@ -10,6 +10,7 @@ import optax
 from flax import nnx
 
 from moonjax.nn import (
+    MLP,
     AdditiveCoupling,
     ConfigError,
     ConvNet,
@@ -117,6 +118,8 @@ class RevNetClassifier(nnx.Module):
                 if image
                 else InvertibleDense(width, rngs=r, **kw)
             )
+            if side is None:  # a random output layer, as the published figures were trained
+                side = MLP(width // 2, hidden, width // 2, rngs=r, **kw)
             return Sequential(
                 AdditiveCoupling(width, hidden, rngs=r, side=side, **kw),
                 mix,
