@@ -287,15 +287,15 @@ def _reversible_scan(node, loop: LoopBody, anchor_every, recompute: bool = False
             stored = ([i[None] for i in init] if starts is None else
                       [jnp.concatenate([i[None], s]) for i, s in zip(init, starts)])
 
-            def exact(_):
+            def exact(swept):
+                del swept  # replaced: its buffers are the result's (no copy of them)
                 gi, gc, gx = _blocks_backward(step_fn, k, length, rev, consts, xs, stored,
                                               g_carry, g_ys)
                 return [gi[i] for i in floats], gc, gx
 
             swept = ([g_init[i] for i in floats], g_consts, g_xs)
             # a non-finite drift (NaN compares false) is a drift too
-            g_floats, g_consts, g_xs = lax.cond(~(drift <= tol), exact, lambda _: swept,
-                                                None)
+            g_floats, g_consts, g_xs = lax.cond(~(drift <= tol), exact, lambda s: s, swept)
             g_init = _put(g_init, floats, g_floats)
         else:
             D.note_value(meeting, drift)
