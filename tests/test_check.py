@@ -387,3 +387,14 @@ def test_cli_loss_that_fails_to_trace_exits_1_with_its_error(capsys):
 def test_cli_bad_target_exits_2_with_a_message(capsys, target, message):
     code, out, err = _cli(capsys, target)
     assert code == 2 and message in err and out == ""
+
+
+def test_cli_survives_a_closed_pipe():
+    # `moonjax check --json | head -c 1`: the reader has gone when the report is
+    # written; the command ends quietly instead of a BrokenPipeError traceback
+    import contextlib
+
+    read, write = os.pipe()
+    os.close(read)
+    with open(write, "w", buffering=1) as out, contextlib.redirect_stdout(out):
+        assert main(["check", f"{TARGETS}:relu_net", "--json"]) == 0
