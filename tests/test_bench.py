@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -155,6 +156,14 @@ def _check_results(data, models, methods):
                 continue
             mine = [r for r in rows if r["model"] == model and r["method"] == meth]
             assert {r["depth"] for r in mine} == set(data["config"]["depths"])
+            if meth == "revbackprop" and model == "relu_mlp":  # no inverse: said so
+                assert all(r["status"] == "skipped" and "no inverse" in r["note"]
+                           for r in mine), mine
+                continue
+            if model == "relu_mlp" and meth in ("moonwalk_mixed", "moonwalk_forward"):
+                # the sweep through ReLU layers, forced: exact or a moonjax error saying why
+                mine = [r for r in mine if r["status"] != "error" or not re.match(
+                    r"(NotSubmersiveError|DriftError): ", r["note"])]
             for r in mine:
                 assert r["status"] == "ok", r
                 assert r["time_s"] > 0 and r["runs"] >= 1
