@@ -49,6 +49,7 @@ from moonjax._src.phase1 import (
 )
 from moonjax._src.sweep import stream_dependence
 from moonjax._src.unrolled import runs as unrolled_runs
+from moonjax._src.unrolled import value_bytes as _bytes
 
 REVERSIBLE = "reversible"
 CHECKPOINTED = "checkpointed"
@@ -155,9 +156,3 @@ def _loop_plan(node, body: LoopBody | None) -> LoopPlan:
 def _carries(node) -> list:
     nc, ncar = node.params["num_consts"], node.params["num_carry"]
     return node.inputs[nc:nc + ncar]
-
-
-def _bytes(v) -> int:
-    aval = v.aval
-    return int(getattr(aval, "size", 0)) * getattr(getattr(aval, "dtype", None),
-                                                   "itemsize", 0)

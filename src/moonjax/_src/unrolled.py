@@ -71,7 +71,7 @@ def auto_anchor(segs, residuals: int) -> int:
     """``anchor_every="auto"`` for a run of ``segs`` whose segments each keep about
     ``residuals`` bytes in reverse mode: the blocks' kept spines and one block's
     residuals (what its exact recompute holds) weigh about the same."""
-    spine = sum(_bytes(v) for v in segs[0].ins)
+    spine = sum(value_bytes(v) for v in segs[0].ins)
     k = round(math.sqrt(len(segs) * spine / max(1, residuals)))
     return max(2, min(RUN_ANCHOR, k))
 
@@ -80,7 +80,7 @@ def kept_bytes(segs, k: int | None, residuals: int) -> int:
     """Estimated bytes a run keeps: its spine at every block's start and at its end,
     one segment's residuals while it is inverted, and one block's while it is
     recomputed (the default's fallback)."""
-    spine = sum(_bytes(v) for v in segs[0].ins)
+    spine = sum(value_bytes(v) for v in segs[0].ins)
     k = k or len(segs)
     return (-(-len(segs) // k) + 2) * spine + (k + 1) * residuals
 
@@ -219,8 +219,8 @@ def segments(graph: G.Graph, dep: set) -> list[Segment]:
             spans.append((v, born, last))
     weight = [0] * (end + 2)
     for v, born, last in spans:
-        weight[born] += _bytes(v)
-        weight[last + 1] -= _bytes(v)
+        weight[born] += value_bytes(v)
+        weight[last + 1] -= value_bytes(v)
     for t in range(1, end + 1):
         weight[t] += weight[t - 1]
     cuts = [0] + [t for t in range(1, end) if weight[t] <= weight[t - 1]] + [end]
@@ -287,8 +287,8 @@ def _with_private(nodes, ins) -> tuple:
                 p = a.producer if isinstance(a, G.Value) else None
                 if (p is not None and id(a) not in spine and id(p) not in inside
                         and p.primitive.name != "scan"
-                        and sum(map(_bytes, p.outputs)) >= sum(
-                            _bytes(b) for b in p.inputs if isinstance(b, G.Value))
+                        and sum(map(value_bytes, p.outputs)) >= sum(
+                            value_bytes(b) for b in p.inputs if isinstance(b, G.Value))
                         and all(id(u) in inside for u, _ in a.uses)
                         and all(all(id(u) in inside for u, _ in o.uses) for o in p.outputs)):
                     nodes = (*nodes, p)
@@ -336,7 +336,8 @@ def runs(graph: G.Graph, dep: set, anchor_every=None) -> list[Run]:
     return found
 
 
-def _bytes(v) -> int:
+def value_bytes(v) -> int:
+    """The bytes of a graph value (0 for a token or other non-array)."""
     aval = v.aval
     return int(getattr(aval, "size", 0)) * getattr(getattr(aval, "dtype", None),
                                                    "itemsize", 0)
