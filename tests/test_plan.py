@@ -243,7 +243,8 @@ def test_checkpointed_scan_is_reverse_mode(length, k, reverse, x64):
     # any block length dividing the loop, either direction, a carry that is not the
     # stream, ys read by the loss: values and every gradient equal jax.grad's
     from moonjax._src import graph as G
-    from moonjax._src.phase1 import _checkpointed_scan, evaluate
+    from moonjax._src.checkpointed import checkpointed_scan as _checkpointed_scan
+    from moonjax._src.reverse import evaluate
 
     def f(ws, x, c0):
         def body(c, w):

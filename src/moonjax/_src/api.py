@@ -2,59 +2,24 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
-import math
-import operator
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from moonjax._src import drift as D
 from moonjax._src import graph as G
-from moonjax._src.errors import (
-    ArgumentError,
-    LossShapeError,
-    NotSubmersiveError,
-    SpineStructureError,
-    UnsupportedPrimitiveError,
-    from_runtime_error,
-)
-from moonjax._src.phase1 import (
-    AUTO_ANCHOR,
-    anchor_plan,
-    forward_batched,
-    mixed_with_probes,
-)
-from moonjax._src.phase1 import forward as phase1_forward
-from moonjax._src.phase1 import reversible as reversible_backprop
-from moonjax._src.plan import CHECKPOINTED, REVERSIBLE, RUNS, analyse
+from moonjax._src import moonwalk, reverse
+from moonjax._src.errors import ArgumentError, from_runtime_error
+from moonjax._src.plan import RUNS, analyse
+from moonjax._src.program import Program, Static, flatten_call
 from moonjax._src.rules import VijpRule
-from moonjax._src.sweep import REPORT, SHIFTS, Collect, sweep
+from moonjax._src.sweep import sweep
 
 MODES = ("auto", "mixed", "reversible", "forward")
-
-
-def _normalize_argnums(argnums, nargs: int, name: str) -> tuple[int, ...]:
-    if isinstance(argnums, int):
-        argnums = (argnums,)
-    if isinstance(argnums, (str, bytes)):
-        argnums = None  # iterable, but not of ints
-    try:
-        argnums = tuple(operator.index(a) for a in argnums)
-    except TypeError:
-        raise ArgumentError(f"{name} must be an int or a tuple of ints, got {argnums!r}"
-                            ) from None
-    for a in argnums:
-        if not -nargs <= a < nargs:
-            raise ArgumentError(
-                f"{name}={a} is out of range: the function was called with {nargs} "
-                "positional argument(s)")
-    return tuple(a % nargs for a in argnums)
 
 
 def _checked_at_call(run, dynamic):
@@ -73,41 +38,6 @@ def _checked_at_call(run, dynamic):
         if found is not None:
             raise found from None
         raise
-
-
-def _no_stream_message(stream_ix, stream_argnums, diff, leaves) -> str:
-    if not stream_ix:
-        return ("moonwalk_grad needs the network input as a float argument that is not "
-                f"differentiated (argnums={diff}); pass the data as an argument or set "
-                "stream_argnums")
-    def kinds(i):
-        names = sorted({str(_dtype(x) or type(x).__name__) for x in leaves[i]})
-        return ", ".join(names) or "no arrays"
-
-    found = ", ".join(f"argument {i} ({kinds(i)})" for i in stream_ix)
-    fix = ("cast the network input to a float dtype (embed integer tokens inside the loss "
-           "and pass the float embeddings, or the float features)")
-    if stream_argnums is None:
-        fix += ", or name the float network input with stream_argnums"
-    return (f"the network input must be a float array, but {found} has no float leaf "
-            f"(stream_argnums={stream_argnums!r}, argnums={diff}); {fix}")
-
-
-def _check_loss(out, has_aux: bool):
-    if has_aux:
-        if not (isinstance(out, (tuple, list)) and len(out) == 2):
-            raise LossShapeError(
-                "with has_aux=True the function must return a pair (loss, aux); got "
-                f"{type(out).__name__}")
-        out = out[0]
-    aval = jax.typeof(out)
-    shape = getattr(aval, "shape", None)
-    dtype = getattr(aval, "dtype", None)
-    if shape != () or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-        raise LossShapeError(
-            "moonwalk_grad requires a real scalar (shape ()) float output, like jax.grad; "
-            f"got shape {shape} and dtype {dtype}. Reduce the loss (e.g. jnp.mean) or use "
-            "moonjax.vijp for non-scalar functions.")
 
 
 def moonwalk_value_and_grad(
@@ -227,22 +157,7 @@ def moonwalk_value_and_grad(
       >>> bool(jnp.allclose(g, jax.grad(loss)(w, x), atol=1e-5))
       True
     """
-    if mode not in MODES:
-        raise ArgumentError(f"mode must be one of {MODES}, got {mode!r}")
-    if anchor_every is not None and anchor_every != "auto" and (
-            not isinstance(anchor_every, int) or anchor_every < 1):
-        raise ArgumentError(f"anchor_every must be a positive int, 'auto' or None, got "
-                            f"{anchor_every!r}")
-    if on_drift not in ("raise", "nan"):
-        raise ArgumentError(f"on_drift must be 'raise' or 'nan', got {on_drift!r}")
-    if drift_tol is not None and not (isinstance(drift_tol, (int, float)) and drift_tol > 0):
-        raise ArgumentError(f"drift_tol must be a positive number or None, got {drift_tol!r}")
-    if batch_axis is not None and (mode != "forward" or batch_axis != 0
-                                   or isinstance(batch_axis, bool)):
-        raise ArgumentError(
-            f"batch_axis={batch_axis!r} with mode={mode!r}: batch_axis=0 (examples along "
-            "axis 0 of the input are independent) is an option of mode='forward'; the "
-            "other modes need no such hint")
+    _check_options(mode, anchor_every, on_drift, drift_tol, batch_axis)
 
     def checked(static, *dynamic):
         value, grads, (drifts, amplifiers), treatment = _moonwalk(
@@ -256,48 +171,8 @@ def moonwalk_value_and_grad(
     compiled = jax.jit(checked, static_argnums=0)
 
     def prepare(args, kwargs):
-        nargs = len(args)
-        diff = _normalize_argnums(argnums, nargs, "argnums")
-        leaves, treedefs = [], []
-        for a in (*args, kwargs):
-            lv, td = jax.tree_util.tree_flatten(a)
-            leaves.append(lv)
-            treedefs.append(td)
-        if stream_argnums is None:
-            # the network input: the first argument with a float leaf after the
-            # differentiated ones (``loss(params, x, y)``), else before them
-            rest = [i for i in range(nargs) if i not in diff]
-            after = [i for i in rest if i > max(diff)]
-            floats = [i for i in after + [i for i in rest if i not in after]
-                      if any(_inexact(leaf) for leaf in leaves[i])]
-            stream_ix = tuple((floats or after or rest)[:1])
-        else:
-            stream_ix = _normalize_argnums(stream_argnums, nargs, "stream_argnums")
-        for i in diff:
-            for leaf in leaves[i]:
-                dtype = _dtype(leaf)
-                if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
-                    raise ArgumentError(
-                        f"argument {i} to differentiate has a leaf of type {dtype or type(leaf)}"
-                        "; like jax.grad, moonwalk_grad differentiates float inputs only")
-        offsets = tuple(itertools.accumulate([0] + [len(lv) for lv in leaves]))
-        flat = list(itertools.chain.from_iterable(leaves))
-        stream_flat = tuple(j for i in stream_ix for j in range(offsets[i], offsets[i + 1])
-                            if _inexact(flat[j]))
-        if not stream_flat and (mode != "auto" or stream_argnums is not None):
-            raise ArgumentError(_no_stream_message(stream_ix, stream_argnums, diff, leaves))
-        params_flat = tuple(j for i in diff for j in range(offsets[i], offsets[i + 1]))
-        is_dynamic = [_dtype(leaf) is not None for leaf in flat]
-        static_leaves = tuple((j, leaf) for j, leaf in enumerate(flat) if not is_dynamic[j])
-        anchors = anchor_every
-        # no network input (it is closed over): the default runs reverse mode
-        tol = drift_tol if drift_tol is not None else min(
-            (D.tolerance(_dtype(flat[j])) for j in stream_flat or params_flat),
-            default=D.tolerance(np.float32))
-        static = _Static(tuple(treedefs), offsets, diff, stream_flat, params_flat,
-                         static_leaves, isinstance(argnums, int), anchors, float(tol))
-        dynamic = [leaf for j, leaf in enumerate(flat) if is_dynamic[j]]
-        return static, dynamic
+        return flatten_call(args, kwargs, argnums, stream_argnums, mode, anchor_every,
+                            drift_tol)
 
     @functools.wraps(fun)
     def value_and_grad_fn(*args, **kwargs):
@@ -322,263 +197,45 @@ def moonwalk_value_and_grad(
     return value_and_grad_fn
 
 
-# ``anchor_every="auto"``: loops whose swept layers divide by a derivative or solve
-# with a weight (error can grow layer by layer) are anchored every AUTO_ANCHOR steps
-# (phase1.AUTO_ANCHOR), more often after a small slope (growth AUTO_GROWTH at most);
-# volume-preserving ones (additive couplings, shifts, moves) are not anchored.
-AUTO_GROWTH = 100.0
+def _check_options(mode, anchor_every, on_drift, drift_tol, batch_axis):
+    """Raise ``ArgumentError`` for an invalid option of ``moonwalk_value_and_grad``."""
+    if mode not in MODES:
+        raise ArgumentError(f"mode must be one of {MODES}, got {mode!r}")
+    if anchor_every is not None and anchor_every != "auto" and (
+            not isinstance(anchor_every, int) or anchor_every < 1):
+        raise ArgumentError(f"anchor_every must be a positive int, 'auto' or None, got "
+                            f"{anchor_every!r}")
+    if on_drift not in ("raise", "nan"):
+        raise ArgumentError(f"on_drift must be 'raise' or 'nan', got {on_drift!r}")
+    if drift_tol is not None and not (isinstance(drift_tol, (int, float)) and drift_tol > 0):
+        raise ArgumentError(f"drift_tol must be a positive number or None, got {drift_tol!r}")
+    if batch_axis is not None and (mode != "forward" or batch_axis != 0
+                                   or isinstance(batch_axis, bool)):
+        raise ArgumentError(
+            f"batch_axis={batch_axis!r} with mode={mode!r}: batch_axis=0 (examples along "
+            "axis 0 of the input are independent) is an option of mode='forward'; the "
+            "other modes need no such hint")
 
 
-def _amplifies(step) -> bool:
-    for s in step.inner:
-        if s.kind == "spine" and any(n.primitive.name == "dot_general" for n in s.nodes):
-            return True
-        if s.kind == "region" and any(n.primitive.name not in SHIFTS for n in s.nodes):
-            return True
-    return False
-
-
-def _auto_interval(step) -> int:
-    """How often ``"auto"`` anchors a loop: every ``AUTO_ANCHOR`` steps, or more often
-    where its body divides by a known small slope ``s`` (leaky-ReLU's ``mul`` by a
-    constant): every ``k`` steps with ``(1/s)^k`` at most ``AUTO_GROWTH``."""
-    scalars = [_literal(a) for s in step.inner if s.kind == "region" for n in s.nodes
-               if n.primitive.name == "mul" for a in n.inputs]
-    slopes = [abs(c) for c in scalars if c is not None and 0 < abs(c) < 1]
-    if not slopes:
-        return AUTO_ANCHOR
-    return max(1, min(AUTO_ANCHOR, int(math.log(AUTO_GROWTH) / -math.log(min(slopes)))))
-
-
-def _literal(a) -> float | None:
-    """The value of a scalar literal operand, looking through dtype conversions."""
-    while isinstance(a, G.Value) and a.producer is not None and (
-            a.producer.primitive.name in ("convert_element_type", "broadcast_in_dim")):
-        a = a.producer.inputs[0]
-    if isinstance(a, G.Lit) and np.ndim(a.val) == 0:
-        return float(a.val)
-    return None
-
-
-def _auto_anchors(graph, stream_pos, steps) -> dict:
-    """``anchor_every="auto"``: the loops whose swept body amplifies rounding (every 2
-    steps at most for 16-bit inputs, whose phase-1 cotangent starts at ~1e-3 error)."""
-    half = any(graph.invars[i].aval.dtype.itemsize < 4 for i in stream_pos)
-    plan = {}
-    for s in steps:
-        if s.kind == "scan" and _amplifies(s):
-            i = s.nodes[0].index
-            k = min(_auto_interval(s), 2) if half else _auto_interval(s)
-            entry = anchor_plan(graph, stream_pos, k).get(i)
-            if entry is not None:
-                plan[i] = entry
-    return plan
-
-
-@contextlib.contextmanager
-def _reporting(active: bool):
-    """The sweep's steps (``REPORT``) while the block runs, if ``active``."""
-    steps: list = []
-    token = REPORT.set(steps if active else None)
-    try:
-        yield steps
-    finally:
-        REPORT.reset(token)
-
-
-def _sweep_needs(graph, stream_pos, run_sweep, fragments: bool, anchor_every):
-    """What mixed phase 1 records for the sweep: ``(fragments, anchors)``. One abstract
-    pass of the sweep (shapes only, under ``jax.eval_shape``: none of it runs)
-    finds the spine steps it cannot invert (the fragments, with ``fragments``; without,
-    the first such step raises here) and the steps it crosses; the anchored loops are
-    every top-level loop over the stream for an int ``anchor_every``, those whose swept
-    body amplifies rounding for ``"auto"``."""
-    collected = Collect() if fragments else None
-    auto = anchor_every == "auto"
-    zeros = {i: jnp.zeros(graph.invars[i].aval.shape, graph.invars[i].aval.dtype)
-             for i in stream_pos}
-    def dry_run():  # for what it finds and reports; its values are not wanted
-        run_sweep(zeros, fragments=collected)
-
-    with _reporting(auto) as steps:
-        jax.eval_shape(dry_run)
-    if isinstance(anchor_every, int):
-        anchors = anchor_plan(graph, stream_pos, anchor_every)
-    else:
-        anchors = _auto_anchors(graph, stream_pos, steps) if auto else {}
-    return collected if collected is not None else Collect(), anchors
-
-
-class _Static(NamedTuple):
-    treedefs: tuple
-    offsets: tuple
-    diff: tuple
-    stream: tuple
-    params: tuple
-    static_leaves: tuple
-    single: bool
-    anchors: int | str | None
-    drift_tol: float
-
-
-def _inexact(leaf) -> bool:
-    dtype = _dtype(leaf)
-    return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
-
-
-def _dtype(leaf):
-    """The dtype of an array-like leaf, ``None`` for anything else (static)."""
-    if isinstance(leaf, (jax.Array, np.ndarray, np.generic, float, int, complex)):
-        return jnp.result_type(leaf)
-    return None
-
-
-def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: _Static,
+def _moonwalk(fun, has_aux, mode, fragments, anchor_every, debug, static: Static,
               dynamic, batch_axis=None):
-    """Phase 1 then the sweep, on flat leaves; returns ``(value, grads)``."""
-    static_at = dict(static.static_leaves)
-    it = iter(dynamic)
-    flat = [static_at[j] if j in static_at else next(it) for j in range(static.offsets[-1])]
-    offsets, treedefs = static.offsets, static.treedefs
-
-    def call(flat_vals):
-        rebuilt = [
-            jax.tree_util.tree_unflatten(td, flat_vals[offsets[i]:offsets[i + 1]])
-            for i, td in enumerate(treedefs)
-        ]
-        out = fun(*rebuilt[:-1], **rebuilt[-1])
-        _check_loss(out, has_aux)
-        return out
-
-    dyn_ix = [j for j in range(len(flat)) if j not in static_at]
-
-    def traced(with_aux: bool):
-        """The loss (and its aux leaves) as a graph over the dynamic leaves: the graph,
-        its input values, each dynamic leaf's invar position, and ``outs -> (loss, aux)``."""
-        aux_tree = {}
-
-        def loss_fn(*dyn_vals):
-            vals = list(flat)
-            for j, v in zip(dyn_ix, dyn_vals):
-                vals[j] = v
-            out = call(vals)
-            if not has_aux:
-                return [out]
-            if not with_aux:
-                return [out[0]]
-            aux_leaves, aux_tree["tree"] = jax.tree_util.tree_flatten(out[1])
-            return [out[0], *aux_leaves]
-
-        graph, consts = G.flatten(jax.make_jaxpr(loss_fn)(*[flat[j] for j in dyn_ix]))
-        pos = {j: len(consts) + k for k, j in enumerate(dyn_ix)}
-        unpack = lambda outs: (outs[0], jax.tree_util.tree_unflatten(
-            aux_tree["tree"], outs[1:]) if "tree" in aux_tree else None)
-        return graph, list(consts) + [flat[j] for j in dyn_ix], pos, unpack
-
-    graph, invals, pos, _ = traced(False)
-    stream_pos = [pos[j] for j in static.stream]
-    treatment = mode
-    inverted = {}  # loops whose mixed phase 1 runs by inversion: one carry kept
-    if mode == "auto" and not stream_pos:  # no network input: nothing to invert
-        treatment = "reverse"
-    elif mode == "auto":  # the plan: from the program alone
-        program = analyse(graph, stream_pos)
-        treatment = RUNS[program.treatment]
-        inverted = {lp.node.index: lp.body for lp in program.loops
-                    if lp.treatment == REVERSIBLE}
-    def with_aux():
-        """The program of the loss and its aux: graph, inputs, positions, unpack."""
-        return traced(True) if has_aux else (graph, invals, pos,
-                                             lambda outs: (outs[0], None))
-
-    if treatment in ("reversible", "checkpointed", "reverse"):  # every cotangent at once
-        graph_aux, invals_aux, pos_aux, unpack = with_aux()
-        stream_at = [pos_aux[j] for j in static.stream]
-        checkpointed = {}
-        # the plan's unrolled runs, where the plan read this same program
-        runs = program.runs if mode == "auto" and stream_pos and not has_aux else None
-        if treatment == "checkpointed":  # the plan's loops, in the traced program
-            loops = analyse(graph_aux, stream_at).loops if has_aux else program.loops
-            checkpointed = {lp.node.index: lp.anchor_every for lp in loops
-                            if lp.treatment == CHECKPOINTED}
-        wanted = list(dict.fromkeys(static.stream + static.params))
-        with D.measuring() as measured:
-            # forced reversible mode checkpoints the loops it cannot invert (fragments)
-            outs, cts = reversible_backprop(graph_aux, invals_aux, stream_at,
-                                            [pos_aux[j] for j in wanted], anchor_every,
-                                            checkpointed, fallback=fragments,
-                                            recompute=mode == "auto", runs=runs)
-        loss, aux = unpack(outs)
-        value = (loss, aux) if has_aux else loss
-        return value, _grads(static, flat, dict(zip(wanted, cts))), measured, treatment
-
-    # Phase 2: the sweep, on the program of the loss alone.
-    stream_mask = [False] * len(invals)
-    params_mask = [False] * len(invals)
-    for j in static.stream:
-        stream_mask[pos[j]] = True
-    for j in static.params:
-        params_mask[pos[j]] = True
-    run_sweep = functools.partial(sweep, graph, invals, stream_mask, head=True,
-                                  params=params_mask, debug=debug)
-    recorded = None
-    if treatment == "forward" and batch_axis is not None:
-        graph_aux, invals_aux, pos_aux, unpack = with_aux()
-        outs, g_stream = forward_batched(graph_aux, invals_aux,
-                                         [pos_aux[j] for j in static.stream], debug=debug)
-        loss, aux = unpack(outs)
-    elif treatment == "forward":  # JVPs for the stream and the fragments
-        collected = _sweep_needs(graph, stream_pos, run_sweep, fragments, None)[0]
-        outs, g_stream, recorded = phase1_forward(graph, invals, stream_pos, collected)
-        loss = outs[0]
-        aux = call(flat)[1] if has_aux else None
-    else:
-        collected, anchors = _sweep_needs(graph, stream_pos, run_sweep, fragments,
-                                          anchor_every)
-        if has_aux and not (collected or anchors or inverted):
-            # nothing to record: phase 1 is the reverse pass of the user's function
-            def phase1(*stream_vals):
-                vals = list(flat)
-                for j, s in zip(static.stream, stream_vals):
-                    vals[j] = s
-                out = call(vals)
-                return out[0], out[1]
-
-            loss, pullback, aux = jax.vjp(phase1, *[flat[j] for j in static.stream],
-                                          has_aux=True)
-            g_stream = pullback(jnp.ones_like(loss))
-        else:
-            outs, g_stream, recorded = mixed_with_probes(graph, invals, stream_pos, collected,
-                                                         anchors, inverted)
-            loss = outs[0]
-            aux = call(flat)[1] if has_aux else None
-    known = {pos[j]: g for j, g in zip(static.stream, g_stream)}
+    """The plan, then its treatment, on the call's flat leaves: ``(value, grads,
+    (drifts, amplifying steps), treatment)``."""
+    program = Program.of(fun, has_aux, static, dynamic)
+    traced = program.loss_only
+    stream_pos = [traced.pos[j] for j in static.stream]
+    plan = None  # from the program alone; no network input: reverse mode
+    if stream_pos and mode in ("auto", "mixed"):
+        plan = analyse(traced.graph, stream_pos)
+    treatment = mode if mode != "auto" else RUNS[plan.treatment] if plan else "reverse"
     with D.measuring() as measured:
-        if batch_axis is not None:
-            try:
-                _, _, in_cts = run_sweep(known)
-            except (NotSubmersiveError, UnsupportedPrimitiveError, SpineStructureError) as e:
-                if not fragments:
-                    raise
-                raise type(e)(f"{e}\n  note: batch_axis=0 records no fragments; without it "
-                              "mode='forward' records what this layer erases") from None
+        if treatment in ("mixed", "forward"):
+            value, cts = moonwalk.gradient(program, plan, treatment, fragments,
+                                           anchor_every, debug, batch_axis)
         else:
-            _, _, in_cts = run_sweep(known, fragments=recorded)
-    cts = {j: in_cts[pos[j]] for j in static.params}
-    cts.update(zip(static.stream, g_stream))
-    value = (loss, aux) if has_aux else loss
-    return value, _grads(static, flat, cts), measured, treatment
-
-
-def _grads(static: _Static, flat, cts: dict):
-    """The gradients' pytrees from the cotangents ``cts`` of the flat leaves."""
-    grads = []
-    for i in static.diff:
-        gl = [cts.get(j) for j in range(static.offsets[i], static.offsets[i + 1])]
-        gl = [c if c is not None else jnp.zeros_like(x)
-              for c, x in zip(gl, flat[static.offsets[i]:static.offsets[i + 1]])]
-        grads.append(jax.tree_util.tree_unflatten(static.treedefs[i], gl))
-    return grads[0] if static.single else tuple(grads)
+            value, cts = reverse.gradient(program, plan if mode == "auto" else None,
+                                          anchor_every, fragments)
+    return value, program.grads(cts), measured, treatment
 
 
 def moonwalk_grad(

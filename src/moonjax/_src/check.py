@@ -45,7 +45,8 @@ from moonjax._src.errors import (
     UnsupportedPrimitiveError,
     where,
 )
-from moonjax._src.phase1 import fallback_interval, reversible_anchor
+from moonjax._src.loops import AUTO_ANCHOR
+from moonjax._src.reversible import fallback_interval, reversible_anchor
 from moonjax._src.rules import vijp_rules
 
 __all__ = ["CheckReport", "LayerGroup", "StepInfo", "check"]
@@ -460,7 +461,6 @@ def _amplifies(group: LayerGroup) -> bool:
 
 def _with_stability(groups, mode: str, anchor_every) -> tuple[LayerGroup, ...]:
     """The groups with their ``stability`` filled in (see ``LayerGroup``)."""
-    from moonjax._src.api import AUTO_ANCHOR
 
     out = []
     for g in groups:

@@ -86,6 +86,25 @@ class Graph:
         return any(o is v for o in self.outvars)
 
 
+def run_nodes(nodes, env: dict, bind=None) -> dict:
+    """Evaluate ``nodes`` in order, reading and writing ``env`` (a value's ``id`` ->
+    its array); ``bind(node, args)`` may replace a node's evaluation (``None``: bind
+    the primitive)."""
+    read = lambda a: a.val if isinstance(a, Lit) else env[id(a)]
+    for node in nodes:
+        args = [read(a) for a in node.inputs]
+        outs = bind(node, args) if bind is not None else None
+        env.update(zip(map(id, node.outputs), node.bind(*args) if outs is None else outs))
+    return env
+
+
+def evaluate(graph: Graph, invals, bind=None) -> list:
+    """The values of ``graph``'s outputs for its inputs ``invals`` (``bind``: as in
+    ``run_nodes``)."""
+    env = run_nodes(graph.nodes, {id(v): x for v, x in zip(graph.invars, invals)}, bind)
+    return [o.val if isinstance(o, Lit) else env[id(o)] for o in graph.outvars]
+
+
 def _body(eqn_prim_name: str, params: dict):
     key = _INLINE_BODY.get(eqn_prim_name)
     if key is None or key not in params:

@@ -40,13 +40,9 @@ import dataclasses
 from jax import lax
 
 from moonjax._src import graph as G
+from moonjax._src.checkpointed import checkpoint_interval
 from moonjax._src.errors import where
-from moonjax._src.phase1 import (
-    LoopBody,
-    checkpoint_interval,
-    reversible_anchor,
-    reversible_loops,
-)
+from moonjax._src.reversible import LoopBody, reversible_anchor, reversible_loops
 from moonjax._src.sweep import stream_dependence
 from moonjax._src.unrolled import runs as unrolled_runs
 from moonjax._src.unrolled import value_bytes as _bytes

@@ -97,7 +97,7 @@ def residual_bytes(seg: Segment) -> int:
     def f(h, e):
         env = dict(zip(map(id, ext), e))
         env.update(zip(map(id, seg.ins), h))
-        _evaluate(seg.nodes, env)
+        G.run_nodes(seg.nodes, env)
         return [env[id(v)] for v in seg.outs]
 
     def held(h, e):
@@ -343,13 +343,6 @@ def value_bytes(v) -> int:
                                                    "itemsize", 0)
 
 
-def _evaluate(nodes, env: dict) -> dict:
-    read = lambda a: a.val if isinstance(a, G.Lit) else env[id(a)]
-    for node in nodes:
-        env.update(zip(map(id, node.outputs), node.bind(*[read(a) for a in node.inputs])))
-    return env
-
-
 def _after(g, fn, operands, like):
     """``fn(*operands)`` once the cotangent ``g`` is computed: under a ``lax.cond`` on
     a predicate read from ``g`` (false where ``g`` is NaN: the outputs, shaped like
@@ -399,7 +392,7 @@ def reversible_run(run: Run, recompute: bool = False):
         for s, seg in enumerate(segs):
             if s in keep:
                 kept.append([env[id(v)] for v in seg.ins])
-            _evaluate(seg.nodes, env)
+            G.run_nodes(seg.nodes, env)
         return [env[id(v)] for v in run.outs], kept
 
     @jax.custom_vjp
@@ -422,7 +415,7 @@ def reversible_run(run: Run, recompute: bool = False):
                 env = dict(ext_at)
                 env.update(zip((id(ext_vars[i]) for i in mine), e_vals))
                 env.update(zip(map(id, seg.ins), h))
-                _evaluate(seg.nodes, env)
+                G.run_nodes(seg.nodes, env)
                 return [env[id(v)] for v in seg.outs]
 
             _, pullback = jax.vjp(f, h_in, [ext[i] for i in mine])
@@ -445,7 +438,7 @@ def reversible_run(run: Run, recompute: bool = False):
             for s in range(a, b - 1):
                 env = dict(ext_at)
                 env.update(zip(map(id, segs[s].ins), h_in))
-                _evaluate(segs[s].nodes, env)
+                G.run_nodes(segs[s].nodes, env)
                 h_in = [env[id(v)] for v in segs[s].outs]
                 inputs.append(h_in)
             return inputs
