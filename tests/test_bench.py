@@ -257,3 +257,60 @@ def test_plot_writes_a_png(tmp_path):
     path = tmp_path / "bench.png"
     bench.plot(results, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- the paper's comparisons (``moonjax bench --paper``) -------------------------------------
+
+
+def test_bench_paper_quick_reports_forward_speedup_beside_the_papers(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    out, md = tmp_path / "paper.json", tmp_path / "paper.md"
+    # --max-depth 6: the depth search stops at the timed depth (no extra compiles)
+    argv = ["bench", "--paper", "--quick", "--max-depth", "6", "--no-progress",
+            "--json", str(out), "--markdown", str(md)]
+    assert cli.main(argv) == 0
+    results = bench.Results.from_json(json.loads(out.read_text()))
+    assert results.config.paper and results.config.models == ("revnet_mlp",)
+    assert set(results.config.methods) == {
+        "backprop", "naive_forward", "moonwalk_forward", "moonwalk_mixed"}
+    (fwd,) = bench.forward_comparison(results)
+    assert (fwd.model, fwd.depth, fwd.paper, fwd.note) == ("revnet_mlp", 6, 27.0, "")
+    assert fwd.features == 8 and fwd.params == results.rows[0].params
+    assert fwd.speedup == pytest.approx(fwd.naive_s / fwd.forward_s) and fwd.speedup > 0
+    # the gradients agree: both within float32 round-off of a float64 jax.grad
+    assert fwd.naive_error < 1e-5 and fwd.forward_error < 1e-5
+    (mixed,) = bench.mixed_comparison(results)
+    assert mixed.time_ratio > 0 and mixed.temp_ratio > 0 and mixed.note == ""
+    assert mixed.mixed_error < 1e-5
+    text = md.read_text()
+    assert text == _report.markdown(results)
+    assert "| revnet_mlp | 6 | 496 | 8 |" in text and "| 27x |" in text
+    assert "moonwalk_mixed against jax.grad" in text
+
+
+def _row(method, depth, time_s, status="ok", note=""):
+    return bench.Row("revnet_mlp", method, depth, 8, 64, 100 * depth, status, note,
+                     time_s=time_s, time_ratio=time_s, temp_bytes=1000, temp_ratio=0.5,
+                     grad_error=1e-7)
+
+
+def test_paper_comparison_reads_the_rows_and_says_what_was_not_run():
+    config = bench.paper_config()
+    assert (config.depths, config.width, config.batch) == ((6, 60), 8, 64)
+    rows = [_row("backprop", d, 1.0) for d in (6, 60)]
+    rows += [_row("naive_forward", 6, 30.0), _row("moonwalk_forward", 6, 2.0),
+             _row("naive_forward", 60, None, "skipped", "too many parameters"),
+             _row("moonwalk_forward", 60, 5.0), _row("moonwalk_mixed", 60, 1.5)]
+    limits = [bench.Limit("revnet_mlp", "moonwalk_mixed", "ok", 1000, True, 4.0)]
+    results = bench.Results(config, {}, rows, limits, [])
+    six, sixty = bench.forward_comparison(results)
+    assert (six.speedup, six.paper, six.note) == (15.0, 27.0, "")
+    assert (sixty.speedup, sixty.paper) == (None, 110.0)
+    assert sixty.note == "naive_forward skipped: too many parameters"
+    m6, m60 = bench.mixed_comparison(results)
+    assert m6.note == "moonwalk_mixed not run" and m6.mixed_s is None
+    assert (m60.time_ratio, m60.temp_ratio, m60.depth_ratio, m60.depth_capped) == (
+        1.5, 0.5, 4.0, True)
+    cells = [_report.forward_cells(c) for c in (six, sixty)]
+    assert [c[6:8] for c in cells] == [["15.0x", "27x"], ["-", "110x"]]
+    assert _report.mixed_cells(m60)[6] == ">=4.00x"

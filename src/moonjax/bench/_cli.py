@@ -9,6 +9,7 @@ import sys
 from moonjax.bench._measure import format_bytes, parse_bytes
 from moonjax.bench._methods import METHODS
 from moonjax.bench._models import MODELS
+from moonjax.bench._paper import PAPER_BATCH, PAPER_METHODS, PAPER_MODEL, PAPER_WIDTH, paper_config
 from moonjax.bench._run import (
     QUICK_MODELS,
     BenchConfig,
@@ -30,10 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--methods",
-        default="all",
+        default=None,
         metavar="A,B",
-        help=f"methods to compare (default: all = {','.join(METHODS)}); "
-        "backprop is always run as the reference",
+        help=f"methods to compare (default: all = {','.join(METHODS)}; with --paper: "
+        f"{','.join(PAPER_METHODS)}); backprop is always run as the reference",
     )
     parser.add_argument(
         "--depths",
@@ -80,6 +81,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "a smoke test (under a minute on 2 CPU cores, mostly XLA compile time)",
     )
     parser.add_argument(
+        "--paper",
+        action="store_true",
+        help="the paper's comparisons: moonwalk_forward against naive forward gradients at "
+        "its depths 6 and 60 (paper: 27x, 110x) and moonwalk_mixed against jax.grad, each "
+        f"figure beside the paper's; {PAPER_MODEL} at width {PAPER_WIDTH}, batch "
+        f"{PAPER_BATCH} unless told (about 1.5 minutes on 2 CPU cores; with --quick: depth 6 "
+        "at smoke-test sizes)",
+    )
+    parser.add_argument(
         "--no-reference",
         action="store_true",
         help="skip the float64 reference (no gradient-error column)",
@@ -95,14 +105,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    default_models = ",".join(QUICK_MODELS) if args.quick else "all"
-    fields = dict(
-        models=parse_name_list(args.models or default_models, MODELS, "model"),
-        methods=parse_name_list(args.methods, METHODS, "method"),
-        seed=args.seed,
-        reference=not args.no_reference,
-    )
+    fields = dict(seed=args.seed, reference=not args.no_reference)
     optional = dict(
+        models=parse_name_list(args.models, MODELS, "model") if args.models else None,
+        methods=parse_name_list(args.methods, METHODS, "method") if args.methods else None,
         depths=parse_int_list(args.depths) if args.depths else None,
         width=args.width,
         batch=args.batch,
@@ -111,6 +117,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         repeats=args.repeats,
     )
     fields.update({k: v for k, v in optional.items() if v is not None})
+    if args.paper:
+        return paper_config(quick=args.quick, **fields)
+    fields.setdefault("models", QUICK_MODELS if args.quick else tuple(MODELS))
+    fields.setdefault("methods", tuple(METHODS))
     return BenchConfig.quick(**fields) if args.quick else BenchConfig(**fields)
 
 

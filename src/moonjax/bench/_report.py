@@ -13,6 +13,13 @@ from typing import Any, TextIO
 
 from moonjax.bench._measure import format_bytes
 from moonjax.bench._methods import METHODS
+from moonjax.bench._paper import (
+    PAPER_MIXED_CLAIM,
+    ForwardComparison,
+    MixedComparison,
+    forward_comparison,
+    mixed_comparison,
+)
 from moonjax.bench._run import Limit, Results, Row
 
 try:  # optional
@@ -102,6 +109,67 @@ def limit_cells(lim: Limit) -> list[str]:
         _ratio(lim.time_ratio),
         str(lim.evaluations or "-"),
         note,
+    ]
+
+
+def _pair(a: str, b: str) -> str:
+    return f"{a} / {b}"
+
+
+FORWARD_COLUMNS = ("model", "depth", "params", "input features", "naive_forward ms",
+                   "moonwalk_forward ms", "speed-up", "paper", "temp (naive / moonwalk)",
+                   "rel. error (naive / moonwalk)", "note")
+
+
+def forward_cells(c: ForwardComparison) -> list[str]:
+    return [
+        c.model,
+        str(c.depth),
+        f"{c.params:,}",
+        f"{c.features:,}",
+        _ms(c.naive_s),
+        _ms(c.forward_s),
+        "-" if c.speedup is None else f"{c.speedup:.1f}x",
+        "-" if c.paper is None else f"{c.paper:.0f}x",
+        _pair(format_bytes(c.naive_temp), format_bytes(c.forward_temp)),
+        _pair(_err(c.naive_error), _err(c.forward_error)),
+        c.note,
+    ]
+
+
+MIXED_COLUMNS = ("model", "depth", "backprop ms", "moonwalk_mixed ms", "time/grad",
+                 "temp/grad", "max depth/grad", "rel. error (grad / mixed)", "note")
+
+
+def mixed_cells(c: MixedComparison) -> list[str]:
+    return [
+        c.model,
+        str(c.depth),
+        _ms(c.backprop_s),
+        _ms(c.mixed_s),
+        _ratio(c.time_ratio),
+        _ratio(c.temp_ratio),
+        (">=" if c.depth_capped and c.depth_ratio is not None else "") + _ratio(c.depth_ratio),
+        _pair(_err(c.backprop_error), _err(c.mixed_error)),
+        c.note,
+    ]
+
+
+def paper_sections(results: Results) -> list[tuple[str, tuple[str, ...], list[list[str]]]]:
+    """The paper's comparisons (``BenchConfig.paper``) as ``(title, columns, cells)``."""
+    return [
+        (
+            "the paper's comparison: moonwalk_forward (batch_axis=0) against naive forward "
+            "gradients (paper: 27x at 6 layers, 110x at 60, on a CIFAR-10 RevNet)",
+            FORWARD_COLUMNS,
+            [forward_cells(c) for c in forward_comparison(results)],
+        ),
+        (
+            f"the paper's comparison: moonwalk_mixed against jax.grad (paper: "
+            f"{PAPER_MIXED_CLAIM}; max depth under {format_bytes(results.config.budget)})",
+            MIXED_COLUMNS,
+            [mixed_cells(c) for c in mixed_comparison(results)],
+        ),
     ]
 
 
@@ -261,6 +329,7 @@ def sections(results: Results) -> list[tuple[str, tuple[str, ...], list[list[str
             LIMIT_COLUMNS,
             [limit_cells(lim) for lim in results.limits if lim.status != "skipped"],
         ),
+        *(paper_sections(results) if results.config.paper else []),
         (
             "headline checks",
             ("check", "measured", "met"),

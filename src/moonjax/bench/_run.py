@@ -61,6 +61,7 @@ class BenchConfig:
     seed: int = 0
     reference: bool = True
     verdicts: bool = True  # the headline checks (meaningless at smoke-test sizes)
+    paper: bool = False  # also report the paper's comparisons (bench._paper)
 
     def __post_init__(self):
         for m in self.models:
