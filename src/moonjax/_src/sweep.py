@@ -41,6 +41,7 @@ from moonjax._src.errors import (
     where,
 )
 from moonjax._src.rules import DEBUG, ct_dtype, elementwise_rules, vijp_rules
+from moonjax._src.rules.factors import Weight, weight_factors
 from moonjax._src.rules.monotone import derivative_sign
 from moonjax._src.rules.structural import slice_partition
 
@@ -215,6 +216,16 @@ class _Sweep:
         self.merges: dict[int, tuple] = {}  # value id -> (merge node, its entries, g_T)
         self.products: dict[int, tuple] = {}  # the same for masks written as products
         self.watch: dict[int, object] = {}  # value id -> value to retry as its uses resolve
+        # weights that solving steps solve with (``VijpRule.solves``): value id -> their
+        # factors (None: factorised), the solving steps not yet swept, and the
+        # factorisations while those last
+        self.weights: dict[int, list | None] = {}
+        self.solve_uses: dict[int, int] = {}
+        self.factorisations: dict[int, dict] = {}
+        self._invar_at = {id(v): i for i, v in enumerate(graph.invars)}
+        # inputs known when the program is traced (not trained parameters): constants
+        self._by_value = [not isinstance(x, jax.core.Tracer) and not (params and params[i])
+                          for i, x in enumerate(invals)]
         if params is None:
             params = [is_float(v.aval) for v in graph.invars]
         self.param_dep = {id(v) for v, p, s in zip(graph.invars, params, stream) if p and not s}
@@ -281,6 +292,10 @@ class _Sweep:
             if isinstance(o, G.Value) and id(o) not in self.dep and id(o) not in seen:
                 seen.add(id(o))
                 needed.append(o)
+        for f in self._find_weights():  # the factors the sweep solves with
+            if id(f) not in seen:
+                seen.add(id(f))
+                needed.append(f)
         diff_idx = [
             i for i, v in enumerate(g.invars) if not self.stream[i] and is_float(v.aval)
         ]
@@ -301,6 +316,50 @@ class _Sweep:
             if any(isinstance(a, G.Value) and id(a) in self.param_dep for a in node.inputs):
                 self.param_dep.update(id(o) for o in node.outputs)
         return needed, diff_idx, pullback
+
+    def _find_weights(self):
+        """Find the weights of the solving steps and how the program builds them
+        (``factors.weight_factors``); returns the factor values the sweep reads."""
+        values = []
+        for node in self.stream_nodes:
+            rule = vijp_rules.get(node.primitive)
+            if rule is None or not rule.solves:
+                continue
+            for a in node.inputs:
+                if not isinstance(a, G.Value) or self.is_dep(a) or not is_float(a.aval):
+                    continue
+                self.solve_uses[id(a)] = self.solve_uses.get(id(a), 0) + 1
+                if id(a) not in self.weights:
+                    self.weights[id(a)] = weight_factors(a, self._concrete)
+                    values += [f.value for f in self.weights[id(a)] or ()
+                               if f.kind != "monomial" and isinstance(f.value, G.Value)]
+        return values
+
+    def _concrete(self, a):
+        """The NumPy value of an operand that is a constant of the program (a literal,
+        or an input known when the program is traced and not trained), else ``None``."""
+        if isinstance(a, G.Lit):
+            return np.asarray(a.val)
+        i = self._invar_at.get(id(a))
+        if i is None or not self._by_value[i]:
+            return None
+        return np.asarray(self.invals[i])
+
+    def _weight(self, a, x):
+        """The ``Weight`` a solving step's vijp gets for its operand ``a`` (value ``x``)."""
+        chain = self.weights.get(id(a))
+        factors = None if chain is None else [
+            (f, None if f.kind == "monomial" else self.read(f.value)) for f in chain]
+        return Weight(x, factors, self.factorisations.setdefault(id(a), {}))
+
+    def _solved(self, node):
+        """One solving step less for each of ``node``'s weights: a factorisation is
+        dropped after the last step that solves with it."""
+        for a in {id(a): a for a in node.inputs}.values():
+            if id(a) in self.solve_uses:
+                self.solve_uses[id(a)] -= 1
+                if self.solve_uses[id(a)] == 0:
+                    self.factorisations.pop(id(a), None)
 
     # -- main loop ---------------------------------------------------------------------
 
@@ -682,8 +741,13 @@ class _Sweep:
             if others:
                 return False
         invals = [self.read(a) for a in node.inputs]
+        if rule.solves:
+            invals = [self._weight(a, x) if p not in positions and id(a) in self.weights
+                      else x for p, (a, x) in enumerate(zip(node.inputs, invals))]
         g_ins = [self.residual(a) for a in spine]
         out_cts = rule.vijp(node, positions, g_ins, invals)
+        if rule.solves:
+            self._solved(node)
         _report("spine", [node], getattr(rule.vijp, "__qualname__", "custom"))
         if node.primitive.name in SOLVES:
             D.amplifier(f"solves with the weight of `{node.primitive.name}` at "

@@ -7,7 +7,8 @@ Three families of rules live here, one file each:
   elementwise map ``φ`` and uses ``vijp = g / φ'(a)``. Their entry in
   ``elementwise_rules`` only says whether the primitive keeps ``φ`` injective.
 * ``structural`` — bijective moves (reshape, transpose, split, concatenate, …).
-* ``linear`` — ``dot_general`` with a square or full-rank weight.
+* ``linear`` — ``dot_general`` with a square or full-rank weight; ``factors`` finds the
+  triangular and permutation factors a weight is built from, and solves with them.
 
 A rule of ``vijp_rules`` is a ``VijpRule``; users add their own with
 ``register_vijp``.
@@ -48,12 +49,17 @@ class VijpRule:
         the sweep then waits until all of them are known.
       spine_arity: for blocks with a hand-written vijp, the number of leading operands
         that form the spine.
+      solves: ``True`` when the vijp solves with its non-spine operands (a weight): the
+        sweep passes each of them as a ``factors.Weight``, which solves through the
+        factors the program builds the weight from, or through one factorisation per
+        weight per sweep.
     """
 
     vijp: Callable
     check: Callable | None = None
     merge: bool = False
     spine_arity: int | None = None
+    solves: bool = False
 
 
 def ct_dtype(dtype):

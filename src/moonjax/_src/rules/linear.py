@@ -2,9 +2,11 @@
 
 For ``y = x · W`` with the spine ``x`` contracted against a weight ``W`` reshaped to a
 ``K × N`` matrix, backprop gives ``g_x = g_y Wᵀ``. When ``N = K`` and ``W`` is
-invertible the unique ``g_y`` is ``solve(W, g_xᵀ)ᵀ`` (an LU solve, never an explicit
-inverse). When ``N < K`` and ``W`` has full column rank the map is a submersion and
-``g_y = g_x Q R⁻ᵀ`` with ``W = QR``, exact on the row space where ``g_x`` lives.
+invertible the unique ``g_y`` is ``solve(W, g_xᵀ)ᵀ``: triangular solves with the factors
+the program builds ``W`` from (``P L U``, see ``factors``), else an LU solve with one
+factorisation per weight per sweep; never an explicit inverse. When ``N < K`` and ``W``
+has full column rank the map is a submersion and ``g_y = g_x Q R⁻ᵀ`` with ``W = QR``,
+exact on the row space where ``g_x`` lives.
 ``N > K`` expands, so ``g_y`` is not unique: that layer is not submersive.
 """
 
@@ -14,25 +16,17 @@ import math
 
 import jax.numpy as jnp
 from jax import lax
-from jax.lax.linalg import triangular_solve
 from jax.scipy.linalg import solve_triangular
 
 from moonjax._src.rules import VijpRule, ct_dtype, vijp_rules
+from moonjax._src.rules.factors import Weight
 
 
 def solve_right(w, b, *, transpose: bool):
     """``b W⁻¹`` (``b W⁻ᵀ`` with ``transpose``) for a square ``W``: one LU factorisation
     with partial pivoting and two triangular solves from the right, so the right-hand
     sides stay rows (no transposes) and no inverse is ever formed."""
-    lu, _, perm = lax.linalg.lu(w)  # W[perm] = L U, i.e. W = Pᵀ L U
-    if transpose:  # x Wᵀ = b  <=>  x Uᵀ Lᵀ = b Pᵀ = b[:, perm]
-        t = triangular_solve(lu, b[:, perm], left_side=False, lower=True, transpose_a=True,
-                             unit_diagonal=True)
-        return triangular_solve(lu, t, left_side=False, lower=False, transpose_a=True)
-    # x W = b  <=>  (x Pᵀ) L U = b: solve against U, then L, then undo the permutation
-    s = triangular_solve(lu, b, left_side=False, lower=False)
-    u = triangular_solve(lu, s, left_side=False, lower=True, unit_diagonal=True)
-    return u[:, jnp.argsort(perm)]
+    return Weight(w).solve(b, (0, 1), transpose=transpose)
 
 
 def _layout(node, pos):
@@ -68,18 +62,18 @@ def _vijp(node, positions, g_ins, invals):
     (pos,) = positions
     g_x = g_ins[0]
     w = invals[1 - pos]
+    w = w if isinstance(w, Weight) else Weight(w)
     x_aval, w_aval, xc, wc, xb, x_free, w_free = _layout(node, pos)
     k = math.prod(x_aval.shape[d] for d in xc)
     n = math.prod(w_aval.shape[d] for d in w_free)
     m_shape = [x_aval.shape[d] for d in x_free]
     # g_x as (M, K) with the contracted axes last, in W's contraction order.
     g = jnp.transpose(g_x, x_free + xc).reshape(math.prod(m_shape), k)
-    # W as (K, N).
-    wm = jnp.transpose(w, wc + w_free).reshape(k, n).astype(g.dtype)
+    # W as (K, N): its axes permuted to wc + w_free
     if n == k:
-        g_y = solve_right(wm, g, transpose=True)  # g_y Wᵀ = g
+        g_y = w.solve(g, wc + w_free, transpose=True)  # g_y Wᵀ = g
     else:
-        q, r = jnp.linalg.qr(wm)  # wm = q r, q: (K, N), r: (N, N)
+        q, r = w.qr(wc + w_free, (k, n), g.dtype)  # wm = q r, q: (K, N), r: (N, N)
         g_y = solve_triangular(r, (g @ q).T, lower=False).T
     w_free_shape = [w_aval.shape[d] for d in w_free]
     g_y = g_y.reshape(m_shape + w_free_shape)
@@ -89,4 +83,4 @@ def _vijp(node, positions, g_ins, invals):
     return [g_y.astype(ct_dtype(node.outputs[0].aval.dtype))]
 
 
-vijp_rules[lax.dot_general_p] = VijpRule(_vijp, _check)
+vijp_rules[lax.dot_general_p] = VijpRule(_vijp, _check, solves=True)
