@@ -788,14 +788,14 @@ def _with_treatments(groups, plan: P.Plan | None, mode: str, treatment: str,
             g = dataclasses.replace(g, treatment=f"reverse mode ({lp.reason})",
                                     stability="exact")
         elif lp is not None and treatment in _NO_SWEEP:
-            # the anchors phase1.reversible stores for these options
+            # the anchors reverse.backprop stores for these options
             k = reversible_anchor(lp.body, anchor_every, g.length)
             kept = "nothing kept per step" if k is None else f"the carry kept every {k} steps"
             stability = (f"anchored every {k}" if k is not None else "volume-preserving"
                          if lp.body.inversion.amplifier is None else "drift-checked")
             g = dataclasses.replace(g, treatment=f"reversible backprop, {kept} "
                                     f"({lp.reason})", stability=stability)
-        elif lp is not None and mode == "auto" and lp.treatment == P.REVERSIBLE:
+        elif lp is not None and mode in ("auto", "mixed") and lp.treatment == P.REVERSIBLE:
             g = dataclasses.replace(g, treatment=f"phase 1 inverts it, one carry kept "
                                     f"({lp.reason}); the sweep crosses it")
         elif lp is not None:

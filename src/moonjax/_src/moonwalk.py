@@ -100,7 +100,7 @@ def gradient(program: Program, plan, mode: str, fragments: bool, anchor_every, d
 
 # ``anchor_every="auto"``: loops whose swept layers divide by a derivative or solve
 # with a weight (error can grow layer by layer) are anchored every AUTO_ANCHOR steps
-# (phase1.AUTO_ANCHOR), more often after a small slope (growth AUTO_GROWTH at most);
+# (loops.AUTO_ANCHOR), more often after a small slope (growth AUTO_GROWTH at most);
 # volume-preserving ones (additive couplings, shifts, moves) are not anchored.
 AUTO_GROWTH = 100.0
 

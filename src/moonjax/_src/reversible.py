@@ -183,10 +183,10 @@ def reversible_scan(node, loop: LoopBody, anchor_every, recompute: bool = False)
                 for o, c in zip(body.outvars[:ncar], carry_out):
                     if isinstance(o, G.Value):
                         known.setdefault(id(o), c)
+                # the vjp at the rebuilt input itself, so that XLA computes what the
+                # inversion and the step share (a coupling's side branch) once
                 rebuilt = invert(body, known, carry_vars, inversion)
-                # the block's first step goes on from the exact stored start (every
-                # other step's input is the rebuilt one, the next inversion's start)
-                return [jnp.where(j == 0, e, r) for e, r in zip(start, rebuilt)], rebuilt
+                return rebuilt, rebuilt
 
             g_in, gc, g_xs, rebuilt = block_vjps(
                 step_fn, blocks, consts, xs, g_ys, b, n, g, g_xs, input_of, end)

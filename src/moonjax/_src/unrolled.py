@@ -443,27 +443,37 @@ def reversible_run(run: Run, recompute: bool = False):
                 inputs.append(h_in)
             return inputs
 
-        def block(a, b, exact, h_out, g_out):
-            """Block ``[a, b)`` going back from its output: its segments' inputs rebuilt
-            by inversion (recomputed forwards from its kept input where they drifted,
-            with ``recompute``), then each segment's vjp. Returns the cotangents of its
-            input and of the externals it reads, and the drift at its start."""
-            inputs = [None] * (b - a)
-            for s in reversed(range(a, b)):
-                h_out = inputs[s - a] = inverted(s, h_out)
-            drift = max_drift(inputs[0], exact)
-            inputs[0] = exact
-            if recompute and b - a > 1:
-                tol = min(recompute_tolerance(jnp.result_type(v)) for v in exact)
-                inputs[1:] = lax.cond(~(drift <= tol),  # NaN compares false: a drift too
-                                      lambda rebuilt: computed(a, b, exact),
-                                      lambda rebuilt: rebuilt, inputs[1:])
+        def vjps(a, b, input_of, h, g):
+            """The vjps of segments ``b - 1 .. a``, each at ``input_of(s, h)`` (``h``:
+            the later segment's input): the cotangents of block ``[a, b)``'s input and
+            of the externals it reads, and the first segment's input."""
             g_ext = {}
             for s in reversed(range(a, b)):
-                g_out, part = seg_vjp(s, inputs[s - a], g_out)
+                h = input_of(s, h)
+                g, part = seg_vjp(s, h, g)
                 for i, c in part.items():
                     g_ext[i] = c if i not in g_ext else g_ext[i] + c
-            return g_out, g_ext, drift
+            return g, g_ext, h
+
+        def block(a, b, exact, h_out, g_out):
+            """Block ``[a, b)`` going back from its output: each segment's input
+            rebuilt by inversion and its vjp taken at it (XLA computes what the two
+            share once), then the rebuilt input of the block measured against the kept
+            one. With ``recompute``, a block that drifted is differentiated again
+            exactly, its inputs computed forwards from the kept one. Returns the
+            cotangents of its input and of the externals it reads, and the drift."""
+            g, g_ext, rebuilt = vjps(a, b, inverted, h_out, g_out)
+            drift = max_drift(rebuilt, exact)
+            if recompute:
+                tol = min(recompute_tolerance(jnp.result_type(v)) for v in exact)
+
+                def again(_):
+                    inputs = [exact, *computed(a, b, exact)]
+                    return vjps(a, b, lambda s, h: inputs[s - a], None, g_out)[:2]
+
+                # NaN compares false: a drift too
+                g, g_ext = lax.cond(~(drift <= tol), again, lambda _: (g, g_ext), None)
+            return g, g_ext, drift
 
         exact_at = dict(zip(starts, [ins, *kept]))
         h, g, g_ext, drifts = list(outs), list(g_outs), {}, []
