@@ -18,7 +18,7 @@ from moonjax._src import drift as D
 from moonjax._src import graph as G
 from moonjax._src.errors import SpineStructureError, where
 from moonjax._src.rules import ct_dtype
-from moonjax._src.sweep import Collect, is_float, stream_dependence, sweep
+from moonjax._src.sweep import LOOPS, Collect, is_float, stream_dependence, sweep
 
 
 def _stream_carry(graph, n_lead, nc, ncar, init_stream):
@@ -159,3 +159,6 @@ def blocks(tree, nb, k):
 
 def unblocks(tree):
     return jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[2:]), tree)
+
+
+LOOPS[lax.scan_p] = sweep_scan

@@ -52,6 +52,13 @@ SHIFTS = frozenset({"add", "sub", "neg", "copy", "convert_element_type", "ge", "
 SOLVES = frozenset({"dot_general", "conv_general_dilated"})
 
 
+# How the sweep crosses a loop: ``primitive -> fn(node, invals, g_carry, debug,
+# fragments, anchors) -> (outs, out_cts, in_cts)``, registered by the module that
+# implements it (``moonjax._src.scan`` for ``lax.scan``, imported with the package), so
+# that this module imports none of them.
+LOOPS: dict = {}
+
+
 def is_float(aval) -> bool:
     return hasattr(aval, "dtype") and jnp.issubdtype(aval.dtype, jnp.inexact)
 
@@ -1158,8 +1165,7 @@ class _Sweep:
     # -- scan --------------------------------------------------------------------------
 
     def _try_scan(self, node):
-        from moonjax._src.scan import sweep_scan
-
+        sweep_scan = LOOPS[lax.scan_p]
         p = node.params
         nc, ncar = p["num_consts"], p["num_carry"]
         carry = node.inputs[nc:nc + ncar]
