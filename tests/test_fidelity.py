@@ -128,3 +128,37 @@ def test_fidelity_passes_bad_options_to_moonwalk_grad_errors():
     loss, args = _f32_case("additive", 2)
     with pytest.raises(moonjax.ArgumentError, match="mode"):
         moonjax.fidelity(loss, *args, mode="backwards")
+
+
+def _coupling(h, p):
+    x1, x2 = jnp.split(h, 2, -1)
+    return jnp.concatenate([x2 + jnp.tanh(x1 @ p["w1"]) @ p["w2"], x1], -1)
+
+
+def _scanned(params, x):
+    return jnp.mean(jnp.sin(jax.lax.scan(lambda h, p: (_coupling(h, p), None), x,
+                                         params)[0]) ** 2)
+
+
+def _unrolled(params, x):
+    h = x
+    for i in range(params["w1"].shape[0]):
+        h = _coupling(h, {k: v[i] for k, v in params.items()})
+    return jnp.mean(jnp.sin(h) ** 2)
+
+
+@pytest.mark.parametrize("loss", [_scanned, _unrolled], ids=["scanned", "unrolled"])
+def test_fidelity_counts_the_blocks_the_default_recomputes(loss):
+    # float32 couplings whose side branch dwarfs what it is added to (x10): inverting
+    # them loses bits, so the default recomputes the drifting blocks exactly (the
+    # gradient keeps jax.grad's error) and fidelity says how many; at x1 none drift
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(k3, (16, 16), jnp.float32)
+    for scale, drifting in ((1.0, False), (10.0, True)):
+        params = {"w1": jax.random.normal(k1, (32, 8, 16), jnp.float32) / 3,
+                  "w2": scale * jax.random.normal(k2, (32, 16, 8), jnp.float32) / 4}
+        report = moonjax.fidelity(loss, params, x)
+        ((where_, (done, seen)),) = report.recomputed.items()
+        assert seen >= 2 and (done >= 1) == drifting, report.recomputed
+        assert report.error <= 2 * report.backprop_error, str(report)
+        assert "recomputed exactly" in str(report)

@@ -226,3 +226,27 @@ HINTS = {
                    "debug=True names where they meet, or drop batch_axis."),
 }
 
+
+# While ``moonjax.fidelity`` runs: for each place the default recomputes a drifting block
+# exactly instead of refusing it, ``(Meeting, blocks recomputed, blocks checked)``.
+_RECOMPUTES: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "moonjax_recomputes", default=None)
+
+
+@contextlib.contextmanager
+def counting_recomputes():
+    """Collect the recomputed blocks of the gradients taken inside the block."""
+    found: list = []
+    token = _RECOMPUTES.set(found)
+    try:
+        yield found
+    finally:
+        _RECOMPUTES.reset(token)
+
+
+def note_recomputes(meeting: Meeting, count, total: int) -> None:
+    """Record that ``count`` of the ``total`` blocks checked at ``meeting`` drifted and
+    were recomputed exactly."""
+    found = _RECOMPUTES.get()
+    if found is not None:
+        found.append((meeting, count, total))

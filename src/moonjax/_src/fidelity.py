@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from moonjax._src import drift as D
+
 __all__ = ["FidelityReport", "fidelity"]
 
 
@@ -46,6 +48,11 @@ class FidelityReport:
       drift_tol: the tolerance those drifts are held to.
       amplifiers: the swept steps that can amplify rounding (solves with a weight,
         divisions by a derivative), with their source lines.
+      recomputed: where the default's reversible backprop checks its rebuilt inputs
+        (a loop's stored carries, a run's kept spines): ``description -> (blocks
+        recomputed exactly, blocks checked)``. A block whose rebuilt input drifted
+        beyond 16 units of rounding is differentiated again by reverse mode from the
+        kept value instead of refusing the call; this counts how often.
     """
 
     reference: str
@@ -58,6 +65,7 @@ class FidelityReport:
     drifts: dict[str, float] = dataclasses.field(default_factory=dict)
     drift_tol: float = float("inf")
     amplifiers: tuple[str, ...] = ()
+    recomputed: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
     @property
     def drift(self) -> float:
@@ -107,6 +115,11 @@ class FidelityReport:
                 lines.append(f"    {d:.1e}  {where_}")
             if self.amplifiers:
                 lines.append("  steps that can amplify rounding: " + "; ".join(self.amplifiers))
+        if self.recomputed:
+            lines.append("  blocks of reversible backprop recomputed exactly (their rebuilt input "
+                         "drifted beyond 16 units of rounding):")
+            for where_, (done, seen) in self.recomputed.items():
+                lines.append(f"    {done} of {seen}  {where_}")
         if not self.ok():
             lines.append(
                 "  ill-conditioned for the sweep: the error grows with depth. Use "
@@ -189,8 +202,14 @@ def fidelity(
     """
     from moonjax._src.api import moonwalk_value_and_grad
 
-    got, found, amplifiers, tol = moonwalk_value_and_grad(
-        loss, argnums, has_aux, **options).drifts(*args)
+    with D.counting_recomputes() as again:
+        got, found, amplifiers, tol = moonwalk_value_and_grad(
+            loss, argnums, has_aux, **options).drifts(*args)
+    recomputed: dict[str, tuple[int, int]] = {}
+    for meeting, count, total in again:  # summed over the calls at each place
+        key = meeting.describe()
+        done, seen = recomputed.get(key, (0, 0))
+        recomputed[key] = (done + int(count), seen + total)
     drifts: dict[str, float] = {}
     for meeting, d in found:  # the worst drift at each place
         key = meeting.describe()
@@ -227,4 +246,4 @@ def fidelity(
         backprop_error=None if backprop is None else _rel(whole(backprop), whole(exact)),
         leaves=leaves, layers=layers, options=dict(options),
         eps=float(jnp.finfo(jnp.result_type(*[g.dtype for g in got_l])).eps),
-        drifts=drifts, drift_tol=tol, amplifiers=tuple(amplifiers))
+        drifts=drifts, drift_tol=tol, amplifiers=tuple(amplifiers), recomputed=recomputed)

@@ -174,7 +174,7 @@ def reversible_scan(node, loop: LoopBody, anchor_every, recompute: bool = False)
                   default=0.0)
 
         def block(state, b, n):
-            end, g, g_consts, g_xs, drift = state
+            end, g, g_consts, g_xs, drift, again = state
             start = blocks.start(init, starts, b)
 
             def input_of(j, x, carry_out):  # the step's input, rebuilt from its output
@@ -199,12 +199,14 @@ def reversible_scan(node, loop: LoopBody, anchor_every, recompute: bool = False)
                                              start, g, ops[2]),
                     lambda ops: ops, (g_in, gc, g_xs))
             return (start, g_in, [a + c for a, c in zip(g_consts, gc)], g_xs,
-                    jnp.maximum(drift, d))
+                    jnp.maximum(drift, d), again + (~(d <= tol)).astype(jnp.int32))
 
         state = (list(final), list(g_carry), [jnp.zeros_like(consts[i]) for i in fc],
-                 [jnp.zeros_like(xs[i]) for i in fx], most([]))
-        _, g_init, g_consts, g_xs, drift = blocks.backward(block, state)
-        if not (recompute and carried):
+                 [jnp.zeros_like(xs[i]) for i in fx], most([]), jnp.zeros((), jnp.int32))
+        _, g_init, g_consts, g_xs, drift, again = blocks.backward(block, state)
+        if recompute and carried:
+            D.note_recomputes(meeting, again, blocks.count)
+        else:
             D.note_value(meeting, drift)
             if inversion.amplifier is not None:
                 D.amplifier(inversion.amplifier.describe())

@@ -487,7 +487,11 @@ def reversible_run(run: Run, recompute: bool = False):
             for i, c in part.items():
                 g_ext[i] = c if i not in g_ext else g_ext[i] + c
             h = exact_at[a]
-        if not recompute:
+        if recompute:
+            tol = min(recompute_tolerance(jnp.result_type(v)) for v in ins)
+            D.note_recomputes(meeting, sum((~(d <= tol)).astype(jnp.int32) for d in drifts),
+                              len(blocks))
+        else:
             D.note_value(meeting, jnp.max(jnp.stack(drifts)))
             if run.amplifier is not None:
                 D.amplifier(run.amplifier.describe())
