@@ -102,11 +102,13 @@ def moonwalk_value_and_grad(
       anchor_every: in ``"mixed"`` mode, let phase 1 record the exact carry cotangent
         every ``k`` steps of each ``lax.scan`` over layers and restart the sweep there,
         bounding the growth of rounding error to ``k`` layers at the cost of
-        ``depth / k`` stored cotangents. ``"auto"`` (the default) anchors every 4 steps
-        the loops whose sweep divides by derivatives or solves with weights (leaky-ReLU
-        MLPs, affine couplings, LU dense layers), more often after a known small slope
-        ``s`` (every ``k`` with ``(1/s)^k <= 100``) and every 2 at most for 16-bit
-        inputs, and leaves volume-preserving ones (additive couplings) alone; ``None``
+        ``depth / k`` stored cotangents. ``"auto"`` (the default) anchors the loops
+        whose sweep divides by derivatives or solves with weights: every
+        ``min(sqrt(depth), k_s)`` steps where the only nonlinearity is a known slope
+        ``s`` (leaky-ReLU MLPs; ``k_s`` the most steps with ``(1/s)^k <= 100``), every
+        4 (at most ``k_s``) elsewhere (affine couplings, LU dense layers, tanh), every 2
+        at most for 16-bit inputs, and leaves volume-preserving ones (additive
+        couplings) alone; ``None``
         never anchors. Reversible backprop (``"reversible"``, and the loops the
         default runs so) stores the carry instead and restarts the inversion there:
         ``"auto"`` every 16 steps where the inverse adds, moves or divides elementwise

@@ -469,8 +469,10 @@ def _with_stability(groups, mode: str, anchor_every) -> tuple[LayerGroup, ...]:
         elif not _amplifies(g):
             label = "volume-preserving"
         elif g.role == "scan" and mode == "mixed" and anchor_every == "auto":
-            # every AUTO_ANCHOR steps, or more often after a small leaky slope
-            label = f"anchored (auto, every <= {AUTO_ANCHOR})"
+            # every sqrt(length) steps at most after a known leaky slope, else every
+            # AUTO_ANCHOR (moonjax._src.moonwalk._auto_interval)
+            most = max(AUTO_ANCHOR, round(g.length ** 0.5))
+            label = f"anchored (auto, every <= {most})"
         elif g.role == "scan" and mode == "mixed" and anchor_every is not None:
             k = int(anchor_every)
             k = max(d for d in range(1, min(k, g.length) + 1) if g.length % d == 0)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -110,22 +109,27 @@ def sweep_scan(node, invals, g_carry, debug, fragments=None, anchors=None):
             length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
     else:
         k, stacked = anchors
-        nb = p["length"] // k
+        first = k - 1 if p["reverse"] else 0  # a block's first step, in loop order
 
-        def block(state, inputs):
-            x_blk, frag_blk, anchor = inputs
-            carry, g, acc = state  # restart from the exact cotangent
-            anchor = [a.astype(b.dtype) for a, b in zip(anchor, g)]
-            met = [D.relative(b, a) for a, b in zip(anchor, g)]
-            state, outs = lax.scan(step, (carry, anchor, acc), (x_blk, frag_blk), length=k,
-                                   reverse=p["reverse"])
+        def anchored(state, inputs):
+            # one loop, not a loop of blocks: a loop of blocks stacks its blocks'
+            # outputs [nb, k, ...] and copies them into the loop's own (a second copy of
+            # every step's parameter cotangent), the inner loop's [k, ...] beside them
+            i, x_slice, frag = inputs
+            carry, g, acc = state
+            anchor = [lax.dynamic_index_in_dim(a, i // k, keepdims=False).astype(b.dtype)
+                      for a, b in zip(stacked, g)]
+            # at a block's first step, restart from the exact cotangent and measure the
+            # drift there (under a cond: the other steps skip the measurement)
+            start = i % k == first
+            met = lax.cond(start, _drifts, _no_drifts, g, anchor)
+            g = [jnp.where(start, a, b) for a, b in zip(anchor, g)]
+            state, outs = step((carry, g, acc), (x_slice, frag))
             return state, (outs, met)
 
-        (carry, g, acc), (outs_blk, met) = lax.scan(
-            block, (list(init), g0, acc0), (blocks(list(xs), nb, k), blocks(frags, nb, k),
-                                            list(stacked)),
-            length=nb, reverse=p["reverse"])
-        ys, xs_ct, ys_ct, drifts = unblocks(outs_blk)
+        (carry, g, acc), ((ys, xs_ct, ys_ct, drifts), met) = lax.scan(
+            anchored, (list(init), g0, acc0), (jnp.arange(p["length"]), list(xs), frags),
+            length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
         for m in met:
             D.note_value(D.Meeting("an anchor", loop_at), jnp.max(m))
     for m, d in zip(body_meetings, drifts):
@@ -146,19 +150,20 @@ def sweep_scan(node, invals, g_carry, debug, fragments=None, anchors=None):
     return outs, out_cts, in_cts
 
 
+def _drifts(g, anchor):
+    """The drift of the swept cotangents ``g`` from the exact ones, the ``anchor``."""
+    return [D.relative(b, a) for a, b in zip(anchor, g)]
+
+
+def _no_drifts(g, anchor):
+    """Zeros in place of ``_drifts`` (a step that meets no anchor)."""
+    return [jnp.zeros((), jnp.promote_types(a.dtype, jnp.float32)) for a in anchor]
+
+
 def _or_zero(c, aval):
     """``c``, or zeros, in the dtype the sweep keeps cotangents of ``aval`` in."""
     dtype = ct_dtype(aval.dtype)
     return c.astype(dtype) if c is not None else jnp.zeros(aval.shape, dtype)
-
-
-def blocks(tree, nb, k):
-    """Split the leading (loop) axis of every leaf into ``(nb, k)``."""
-    return jax.tree_util.tree_map(lambda a: a.reshape((nb, k) + a.shape[1:]), tree)
-
-
-def unblocks(tree):
-    return jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[2:]), tree)
 
 
 LOOPS[lax.scan_p] = sweep_scan
