@@ -31,8 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         metavar="K|auto|none",
         help="moonwalk, mixed mode: record an exact cotangent every K blocks "
-        "so float32 rounding cannot grow through deep stacks; 'auto' anchors every 4 "
-        "blocks the loops that can amplify rounding, 'none' never (default: auto)",
+        "so float32 rounding cannot grow through deep stacks; 'auto' anchors the loops "
+        "that can amplify rounding (every 4 blocks, fewer after a known leaky-ReLU "
+        "slope), 'none' never (default: auto)",
     )
     option("--epochs", "epochs in all, counting restored ones", type=int)
     option("--batch-size", "examples per step over all devices", type=int)
