@@ -279,7 +279,7 @@ DEPTHS = (16, 64, 256)
 
 # What runs without --runslow (about 35 s of CPU): one scanned stack per kind of
 # coupling and the measured memory of one; the rest of the grid is slow.
-FAST = {("nnx-scan", 64, False, 1), ("moonjax-scan", 64, True, 0)}
+FAST = {("nnx-scan", 64, False, 1), ("moonjax-scan", 64, True, 1)}
 FAST_MEMORY = {("eqx-scan", 64, False)}
 
 # Measured misses of the memory criteria (float32, CPU, jax 0.10.2), kept as
