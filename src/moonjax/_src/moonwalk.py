@@ -67,15 +67,8 @@ def gradient(program: Program, plan, mode: str, fragments: bool, anchor_every, d
                                           anchor_every)
         if has_aux and not (collected or anchors or inverted):
             # nothing to record: phase 1 is the reverse pass of the user's function
-            def phase1(*stream_vals):
-                vals = list(flat)
-                for j, v in zip(static.stream, stream_vals):
-                    vals[j] = v
-                return tuple(program.call(vals))
-
-            loss, pullback, aux = jax.vjp(phase1, *[flat[j] for j in static.stream],
-                                          has_aux=True)
-            g_stream = pullback(jnp.ones_like(loss))
+            (loss, aux), found = program.vjp(static.stream)
+            g_stream = [found[j] for j in static.stream]
         else:
             outs, g_stream, recorded = mixed_with_probes(graph, invals, stream_pos,
                                                          collected, anchors, inverted)

@@ -235,6 +235,22 @@ class Program:
         """The program of the loss and its aux (the loss's own where there is none)."""
         return self.trace(True) if self.has_aux else self.loss_only
 
+    def vjp(self, wanted) -> tuple[Any, dict]:
+        """``jax.vjp`` of ``fun`` itself on the flat leaves ``wanted``: exactly
+        ``jax.grad``'s computation (its custom rules and residuals as written).
+        Returns the value (``(loss, aux)`` with ``has_aux``) and the cotangents by
+        flat leaf."""
+        def f(*vals):
+            flat = list(self.flat)
+            for j, v in zip(wanted, vals):
+                flat[j] = v
+            out = self.call(flat)
+            return (out[0], out[1]) if self.has_aux else (out, None)
+
+        loss, pullback, aux = jax.vjp(f, *[self.flat[j] for j in wanted], has_aux=True)
+        value = (loss, aux) if self.has_aux else loss
+        return value, dict(zip(wanted, pullback(jnp.ones_like(loss))))
+
     def grads(self, cts: dict):
         """The gradients' pytrees from the cotangents ``cts`` of the flat leaves."""
         static, grads = self.static, []

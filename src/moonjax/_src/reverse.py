@@ -37,7 +37,7 @@ def gradient(program: Program, plan, anchor_every, fragments: bool):
     wanted = list(dict.fromkeys(static.stream + static.params))
     if plan is None and not static.stream or plan is not None and not (plan.loops or
                                                                        plan.runs):
-        return _plain(program, wanted)  # nothing to substitute: jax.grad's own program
+        return program.vjp(wanted)  # nothing to substitute: jax.grad's own program
     traced = program.with_aux()
     stream_at = [traced.pos[j] for j in static.stream]
     if plan is not None and program.has_aux:  # the plan of the program with its aux
@@ -51,21 +51,6 @@ def gradient(program: Program, plan, anchor_every, fragments: bool):
                          runs=None if plan is None else plan.runs)
     loss, aux = traced.unpack(outs)
     return ((loss, aux) if program.has_aux else loss), dict(zip(wanted, cts))
-
-
-def _plain(program: Program, wanted):
-    """``jax.vjp`` of the user's function itself on the leaves ``wanted``: exactly
-    ``jax.grad``'s computation (its custom rules and residuals as written)."""
-    def f(*vals):
-        flat = list(program.flat)
-        for j, v in zip(wanted, vals):
-            flat[j] = v
-        out = program.call(flat)
-        return (out[0], out[1]) if program.has_aux else (out, None)
-
-    loss, pullback, aux = jax.vjp(f, *[program.flat[j] for j in wanted], has_aux=True)
-    value = (loss, aux) if program.has_aux else loss
-    return value, dict(zip(wanted, pullback(jnp.ones_like(loss))))
 
 
 def evaluate(graph: G.Graph, invals, bind=None, runs=(), recompute=False):
