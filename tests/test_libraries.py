@@ -177,10 +177,11 @@ def test_iresnet_stack_is_exact_by_a_fragment_per_step(scanned):
 
 
 def test_flowjax_coupling_flow_memory_is_a_fraction_of_jax_grads(x32):
-    """32 Affine layers, dimension 16, nn_width 128, batch 256, float32: the default runs
-    anchored reversible backprop. Measured: 679 KB against jax.grad's 6.92 MB (0.098x);
-    from 8 to 32 layers it grows by 164 KB: one more stored carry, and the exact
-    recompute of a drifting loop holds one block of 16 steps' carries instead of 8."""
+    """Affine layers, dimension 16, nn_width 128, batch 256, float32: the default runs
+    anchored reversible backprop. Measured at 16 / 64 layers: 612 / 715 KB against
+    jax.grad's 3.6 / 13.8 MB (0.05x at 64). From 16 layers on, the exact recompute of a
+    drifting block holds one block of 16 steps' carries whatever the depth; what grows
+    is the stored block starts: 103 KB (6.3 carries) from 16 to 64 layers."""
     eqx = pytest.importorskip("equinox")
     pytest.importorskip("flowjax")
     from flowjax.bijections import Affine
@@ -189,7 +190,7 @@ def test_flowjax_coupling_flow_memory_is_a_fraction_of_jax_grads(x32):
 
     x = jnp.zeros((256, 16), jnp.float32)
     temps = {}
-    for layers in (8, 32):
+    for layers in (16, 64):
         flow = coupling_flow(jax.random.PRNGKey(0), base_dist=Normal(jnp.zeros(16)),
                              transformer=Affine(), flow_layers=layers, nn_width=128)
         params, static = eqx.partition(flow, eqx.is_inexact_array)
@@ -201,8 +202,8 @@ def test_flowjax_coupling_flow_memory_is_a_fraction_of_jax_grads(x32):
             compiled = jax.jit(grad).lower(params, x).compile()
             temps[name, layers] = compiled.memory_analysis().temp_size_in_bytes
     carry = 256 * 16 * 4
-    assert temps["default", 32] <= 0.25 * temps["jax", 32], temps
-    assert temps["default", 32] - temps["default", 8] <= 12 * carry, temps
+    assert temps["default", 64] <= 0.1 * temps["jax", 64], temps
+    assert temps["default", 64] - temps["default", 16] <= 8 * carry, temps
 
 
 # -- a Flax NNX CNN: conv, ReLU, max-pool, dense ----------------------------------------
