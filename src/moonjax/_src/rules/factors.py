@@ -560,7 +560,25 @@ class Weight:
 
     def solve(self, b, axes, *, transpose: bool):
         """``b M⁻¹`` (``b M⁻ᵀ`` with ``transpose``), ``M`` the weight with its axes
-        permuted to ``axes`` and reshaped to a square matrix of ``b``'s width."""
+        permuted to ``axes`` and reshaped to a square matrix of ``b``'s width. Where ``b``
+        has more rows than ``M`` has, through ``M⁻¹`` (``inverse``): XLA's triangular
+        solves cost in proportion to their right-hand sides, a matrix product far less."""
+        n = b.shape[-1]
+        if b.shape[0] > n:
+            inverse = self.inverse(axes, n, b.dtype)  # at full precision, as a solve is
+            return jnp.matmul(b, inverse.T if transpose else inverse,
+                              precision=lax.Precision.HIGHEST)
+        return self._solve(b, axes, transpose=transpose)
+
+    def inverse(self, axes, n: int, dtype):
+        """``M⁻¹``, solved with the factors or the LU for the ``n`` rows of the identity,
+        once per weight, axes and dtype."""
+        key = ("inverse", tuple(axes), jnp.dtype(dtype))
+        if key not in self.cache:
+            self.cache[key] = self._solve(jnp.eye(n, dtype=dtype), axes, transpose=False)
+        return self.cache[key]
+
+    def _solve(self, b, axes, *, transpose: bool):
         n = b.shape[-1]
         if self.factors is not None and self.value.ndim == 2 and tuple(axes) in ((0, 1),
                                                                                   (1, 0)):

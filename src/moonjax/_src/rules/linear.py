@@ -3,8 +3,11 @@
 For ``y = x · W`` with the spine ``x`` contracted against a weight ``W`` reshaped to a
 ``K × N`` matrix, backprop gives ``g_x = g_y Wᵀ``. When ``N = K`` and ``W`` is
 invertible the unique ``g_y`` is ``solve(W, g_xᵀ)ᵀ``: triangular solves with the factors
-the program builds ``W`` from (``P L U``, see ``factors``), else an LU solve with one
-factorisation per weight per sweep; never an explicit inverse. When ``N < K`` and ``W``
+the program builds ``W`` from (``P L U``, see ``factors``), else one LU factorisation per
+weight per sweep, and for a batch of more rows than ``W`` has, ``W⁻¹`` solved from it once
+and multiplied (XLA's triangular solves cost in proportion to their right-hand sides; a
+matrix product is far faster: a 256-layer leaky-ReLU MLP's mixed mode went from 2.5x to
+1.2x ``jax.grad``'s time at batch 256, width 64, at the same error). When ``N < K`` and ``W``
 has full column rank the map is a submersion and ``g_y = g_x Q R⁻ᵀ`` with ``W = QR``,
 exact on the row space where ``g_x`` lives.
 ``N > K`` expands, so ``g_y`` is not unique: that layer is not submersive.
@@ -24,8 +27,8 @@ from moonjax._src.rules.factors import Weight
 
 def solve_right(w, b, *, transpose: bool):
     """``b W⁻¹`` (``b W⁻ᵀ`` with ``transpose``) for a square ``W``: one LU factorisation
-    with partial pivoting and two triangular solves from the right, so the right-hand
-    sides stay rows (no transposes) and no inverse is ever formed."""
+    with partial pivoting and triangular solves from the right, so the right-hand sides
+    stay rows (no transposes); see ``Weight.solve``."""
     return Weight(w).solve(b, (0, 1), transpose=transpose)
 
 
