@@ -791,7 +791,7 @@ def _with_treatments(groups, plan: P.Plan | None, mode: str, treatment: str,
                                     stability="exact")
         elif lp is not None and treatment in _NO_SWEEP:
             # the anchors reverse.backprop stores for these options
-            k = reversible_anchor(lp.body, anchor_every, g.length)
+            k = reversible_anchor(lp.body, anchor_every, g.length, recompute=mode == "auto")
             kept = "nothing kept per step" if k is None else f"the carry kept every {k} steps"
             stability = (f"anchored every {k}" if k is not None else "volume-preserving"
                          if lp.body.inversion.amplifier is None else "drift-checked")
