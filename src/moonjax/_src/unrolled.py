@@ -384,6 +384,9 @@ def reversible_run(run: Run, recompute: bool = False):
     fe = [i for i, v in enumerate(ext_vars) if is_float(v.aval)]
     reads = [[i for i in fe if any(a is ext_vars[i] for n in seg.nodes for a in n.inputs)]
              for seg in segs]
+    uses = [[i for i, v in enumerate(ext_vars) if any(a is v for n in seg.nodes
+                                                      for a in n.inputs)] for seg in segs]
+    fns = segment_functions(segs, [[ext_vars[i] for i in u] for u in uses])
 
     def forward(ins, ext, keep=()):
         env = dict(zip(map(id, ext_vars), ext))
@@ -409,14 +412,12 @@ def reversible_run(run: Run, recompute: bool = False):
 
         def seg_vjp(s, h_in, g_out):
             """The cotangents of segment ``s``'s input and of the externals it reads."""
-            seg, mine = segs[s], reads[s]
+            mine, used = reads[s], uses[s]
+            fn = fns[s]
 
             def f(h, e_vals):
-                env = dict(ext_at)
-                env.update(zip((id(ext_vars[i]) for i in mine), e_vals))
-                env.update(zip(map(id, seg.ins), h))
-                G.run_nodes(seg.nodes, env)
-                return [env[id(v)] for v in seg.outs]
+                e = dict(zip(mine, e_vals))
+                return fn(h, [e[i] if i in e else ext[i] for i in used])
 
             _, pullback = jax.vjp(f, h_in, [ext[i] for i in mine])
             g_in, g_e = pullback(g_out)
@@ -503,6 +504,59 @@ def reversible_run(run: Run, recompute: bool = False):
 
     call.defvjp(fwd, bwd)
     return call
+
+
+def segment_functions(segs, externals) -> list:
+    """For each segment, a jitted ``(inputs, externals) -> outputs`` (``externals``:
+    the values it reads from outside, in the given order), one function for all the
+    segments of the same structure (primitives, parameters, wiring): each segment's vjp
+    is then traced once per structure, not once per segment and use (a deep stack of
+    identical layers, differentiated on the main path and in each block's exact
+    recompute, is traced once)."""
+    made: dict = {}
+    fns = []
+    for seg, ext in zip(segs, externals):
+        key = _structure(seg, ext)
+        if key is None or key not in made:
+            fn = jax.jit(functools.partial(_run_segment, seg, tuple(ext)))
+            if key is None:
+                fns.append(fn)
+                continue
+            made[key] = fn
+        fns.append(made[key])
+    return fns
+
+
+def _run_segment(seg, ext_vars, ins, ext):
+    env = dict(zip(map(id, ext_vars), ext))
+    env.update(zip(map(id, seg.ins), ins))
+    G.run_nodes(seg.nodes, env)
+    return [env[id(v)] for v in seg.outs]
+
+
+def _structure(seg, ext_vars):
+    """A hashable description of what ``seg`` computes from its inputs and ``ext_vars``
+    (``None`` where a parameter or literal is not hashable: no sharing)."""
+    at = {id(v): ("in", j) for j, v in enumerate(seg.ins)}
+    at.update({id(v): ("ext", j, v.aval) for j, v in enumerate(ext_vars)})
+    nodes = []
+    for k, node in enumerate(seg.nodes):
+        refs = []
+        for a in node.inputs:
+            if isinstance(a, G.Lit):  # by its bytes: -0.0 is not 0.0, a NaN is itself
+                refs.append(("lit", np.asarray(a.val).tobytes(), a.aval))
+            else:
+                refs.append(at[id(a)])
+        for j, o in enumerate(node.outputs):
+            at[id(o)] = ("node", k, j)
+        nodes.append((node.primitive, tuple(sorted(node.params.items())), tuple(refs)))
+    key = (tuple(v.aval for v in seg.ins), tuple(nodes),
+           tuple(at[id(v)] for v in seg.outs))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def max_drift(rebuilt, exact):
