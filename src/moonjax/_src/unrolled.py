@@ -437,10 +437,7 @@ def reversible_run(run: Run, recompute: bool = False):
             """The inputs of segments ``a + 1 .. b - 1`` computed forwards from ``h_in``."""
             inputs = []
             for s in range(a, b - 1):
-                env = dict(ext_at)
-                env.update(zip(map(id, segs[s].ins), h_in))
-                G.run_nodes(segs[s].nodes, env)
-                h_in = [env[id(v)] for v in segs[s].outs]
+                h_in = fns[s](h_in, [ext[i] for i in uses[s]])
                 inputs.append(h_in)
             return inputs
 
@@ -517,13 +514,12 @@ def segment_functions(segs, externals) -> list:
     fns = []
     for seg, ext in zip(segs, externals):
         key = _structure(seg, ext)
-        if key is None or key not in made:
+        fn = None if key is None else made.get(key)
+        if fn is None:
             fn = jax.jit(functools.partial(_run_segment, seg, tuple(ext)))
-            if key is None:
-                fns.append(fn)
-                continue
-            made[key] = fn
-        fns.append(made[key])
+            if key is not None:
+                made[key] = fn
+        fns.append(fn)
     return fns
 
 
