@@ -381,11 +381,9 @@ def reversible_run(run: Run, recompute: bool = False):
         "the run's input" if len(blocks) == 1 else f"the spine kept every {k} segments",
         run.where, measured="the input rebuilt by inverting every unrolled layer")
     graphs = [G.Graph([], [], list(seg.nodes)) for seg in segs]
-    fe = [i for i, v in enumerate(ext_vars) if is_float(v.aval)]
-    reads = [[i for i in fe if any(a is ext_vars[i] for n in seg.nodes for a in n.inputs)]
-             for seg in segs]
     uses = [[i for i, v in enumerate(ext_vars) if any(a is v for n in seg.nodes
                                                       for a in n.inputs)] for seg in segs]
+    reads = [[i for i in u if is_float(ext_vars[i].aval)] for u in uses]  # differentiated
     fns = segment_functions(segs, [[ext_vars[i] for i in u] for u in uses])
 
     def forward(ins, ext, keep=()):
